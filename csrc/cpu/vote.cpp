@@ -1,0 +1,82 @@
+// CPU kernel of dssn::vote_: fused argmax-and-vote. Each logits row is reduced to its
+// argmax (first index wins ties, as torch.argmax) and added into int64 counts; logits
+// are never copied or kept.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Index of the first maximum of row[0..K), or -1 if the row holds a NaN.
+template <typename scalar_t>
+int64_t row_argmax(const scalar_t* row, int64_t K) {
+  float best = float(row[0]);
+  if (std::isnan(best)) return -1;
+  int64_t arg = 0;
+  for (int64_t c = 1; c < K; ++c) {
+    const float v = float(row[c]);
+    if (std::isnan(v)) return -1;
+    if (v > best) {
+      best = v;
+      arg = c;
+    }
+  }
+  return arg;
+}
+
+template <>
+int64_t row_argmax<double>(const double* row, int64_t K) {
+  double best = row[0];
+  if (std::isnan(best)) return -1;
+  int64_t arg = 0;
+  for (int64_t c = 1; c < K; ++c) {
+    if (std::isnan(row[c])) return -1;
+    if (row[c] > best) {
+      best = row[c];
+      arg = c;
+    }
+  }
+  return arg;
+}
+
+void vote_cpu(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
+              int64_t row0, int64_t rows_per_image) {
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 2,
+              "dssn::vote_: counts must be a contiguous int64 [B, K] tensor");
+  TORCH_CHECK(nan_rows.scalar_type() == at::kLong && nan_rows.numel() == 1,
+              "dssn::vote_: nan_rows must be an int64 tensor with one element");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == counts.size(1),
+              "dssn::vote_: logits ", logits.sizes(), " do not match counts ", counts.sizes());
+  TORCH_CHECK(rows_per_image >= 1 && row0 >= 0, "dssn::vote_: bad row mapping");
+  const int64_t R = logits.size(0), K = logits.size(1);
+  if (R == 0) return;
+  TORCH_CHECK(K >= 1, "dssn::vote_: logits have no classes");
+  TORCH_CHECK((row0 + R - 1) / rows_per_image < counts.size(0),
+              "dssn::vote_: rows map past the last image of counts");
+  const at::Tensor x = logits.contiguous();
+  std::vector<int64_t> winner(R);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dssn::vote_", [&] {
+    const scalar_t* data = x.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) winner[r] = row_argmax(data + r * K, K);
+    });
+  });
+  int64_t* c = counts.data_ptr<int64_t>();
+  int64_t nans = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (winner[r] < 0) {
+      ++nans;
+    } else {
+      c[((row0 + r) / rows_per_image) * K + winner[r]] += 1;
+    }
+  }
+  nan_rows.add_(nans);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dssn, CPU, m) { m.impl("vote_", &vote_cpu); }

@@ -1,0 +1,20 @@
+"""dssn-kernels: exact L1 certificates by Deterministic Smoothing with Splitting Noise.
+
+    import dssn_kernels as dk
+    cert = dk.certify(model, x, sigma=0.5, q=255)   # cert.prediction, cert.radius
+
+The reference oracle lives in the separate package ``dssn_reference`` (python/).
+"""
+from .backends import BackendUnavailableError, available_backends
+from .certify import Certificate, certificate_from_counts, certify, variants
+from .smooth import DSSN
+from .spec import num_variants, split_offsets
+from .training import training_noise
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError", "Certificate", "DSSN", "available_backends",
+    "certificate_from_counts", "certify", "num_variants", "split_offsets",
+    "training_noise", "variants",
+]

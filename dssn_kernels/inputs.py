@@ -1,0 +1,69 @@
+"""Input validation: images on the k/q grid -> integer levels k, before any work."""
+from __future__ import annotations
+
+import torch
+
+# A float pixel x is read as level k = round(x*q) and accepted when |x*q - k| is at most
+# this many quantization steps (more for dtypes too coarse to hold k/q that closely).
+GRID_TOLERANCE_STEPS = 1e-3
+
+
+def grid_tolerance(dtype: torch.dtype, q: int) -> float:
+    return min(0.25, max(GRID_TOLERANCE_STEPS, 8 * torch.finfo(dtype).eps * q))
+
+
+def level_dtype(q: int) -> torch.dtype:
+    """The integer dtype the kernels read levels in: uint8 when it holds 0..q."""
+    return torch.uint8 if q <= 255 else torch.int32
+
+
+def to_levels(x, q: int) -> torch.Tensor:
+    """Validates a batch ``x`` of shape [B, ...] and returns its levels as a contiguous
+    [B, d] integer tensor (uint8 when q <= 255, else int32) on x's device.
+
+    ``x`` is either an integer tensor holding the levels k in 0..q (uint8 needs q <= 255),
+    or a float tensor holding k/q. Raises TypeError/ValueError naming the problem.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [B, ...], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [B, ...] with at least one pixel per image, "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        raise ValueError(f"x must hold at least one image of at least one pixel, "
+                         f"got shape {tuple(x.shape)}")
+    flat = x.reshape(x.shape[0], -1)
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"x must be uint8 levels or float pixels, got dtype {x.dtype}")
+    if not x.is_floating_point():
+        if x.dtype == torch.uint8 and q > 255:
+            raise ValueError(f"uint8 input holds levels 0..255, so q must be <= 255 (got q={q}); "
+                             "pass a wider integer dtype or float pixels")
+        lo, hi = flat.min().item(), flat.max().item()
+        if lo < 0 or hi > q:
+            bad = ((flat < 0) | (flat > q)).sum().item()
+            raise ValueError(f"integer input holds levels k in 0..q={q}, but {bad} pixel(s) "
+                             f"are outside (min {lo}, max {hi})")
+        return flat.to(level_dtype(q)).contiguous()
+    xd = flat.double()
+    finite = torch.isfinite(xd)
+    if not bool(finite.all()):
+        nan = torch.isnan(xd).sum().item()
+        inf = (~finite).sum().item() - nan
+        raise ValueError(f"x holds {nan} NaN and {inf} infinite pixel(s)")
+    lo, hi = xd.min().item(), xd.max().item()
+    if lo < 0 or hi > 1:
+        bad = ((xd < 0) | (xd > 1)).sum().item()
+        raise ValueError(f"float pixels must lie in [0, 1], but {bad} are outside "
+                         f"(min {lo:.6g}, max {hi:.6g})")
+    scaled = xd * q
+    k = torch.round(scaled)
+    off = (scaled - k).abs()
+    tol = grid_tolerance(x.dtype, q)
+    if bool((off > tol).any()):
+        bad = (off > tol).sum().item()
+        worst = off.argmax().item()
+        raise ValueError(
+            f"{bad} float pixel(s) are off the k/q grid for q={q} (e.g. {xd.view(-1)[worst].item():.9g}"
+            f" = {scaled.view(-1)[worst].item():.6g}/q); quantize the input or pass the right q")
+    return k.to(level_dtype(q)).contiguous()

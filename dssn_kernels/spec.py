@@ -1,0 +1,83 @@
+"""Smoothing parameters: sigma/lambda -> number of variants L, the split offsets, and
+the float value table. These conventions match the paper's released code, so a model
+trained there with seed s certifies here with seed s."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# q + L must stay below this for the kernels' division-free floor (csrc/dssn_noise.h).
+MAX_LEVELS_PLUS_VARIANTS = 1 << 21
+
+
+def _check_q(q) -> int:
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)):
+        raise TypeError(f"q must be an int (number of quantization steps), got {type(q).__name__}")
+    if q < 1:
+        raise ValueError(f"q must be >= 1 (pixels are k/q, k = 0..q), got q={q}")
+    return int(q)
+
+
+def num_variants(sigma=None, *, lam=None, q=255) -> int:
+    """L = int(2 * lam * q) with lam = sigma / 3**-0.5 (the released code's mapping).
+
+    Give exactly one of ``sigma`` (the noise standard deviation) and ``lam`` (the
+    splitting half-period lambda). Raises ValueError if L < 1.
+    """
+    q = _check_q(q)
+    if (sigma is None) == (lam is None):
+        raise ValueError("give exactly one of sigma and lam "
+                         f"(got sigma={sigma!r}, lam={lam!r})")
+    name, value = ("sigma", sigma) if sigma is not None else ("lam", lam)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    lam_ = value / 3 ** -0.5 if sigma is not None else value
+    L = int(2 * lam_ * q)
+    if L < 1:
+        raise ValueError(
+            f"{name}={value} gives L = int(2*lambda*q) = {L} variants at q={q}: "
+            f"need lambda >= 1/(2q) = {1 / (2 * q):.6g} (sigma >= {3 ** -0.5 / (2 * q):.6g})")
+    if q + L > MAX_LEVELS_PLUS_VARIANTS:
+        raise ValueError(f"q + L = {q + L} exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
+    return L
+
+
+def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int:
+    """L from sigma, lam, or an explicit L (exactly one of the three)."""
+    given = [v is not None for v in (sigma, lam, num_variants_)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of sigma, lam and L "
+                         f"(got sigma={sigma!r}, lam={lam!r}, L={num_variants_!r})")
+    if num_variants_ is None:
+        return num_variants(sigma, lam=lam, q=q)
+    q = _check_q(q)
+    L = num_variants_
+    if isinstance(L, bool) or not isinstance(L, (int, np.integer)):
+        raise TypeError(f"L must be an int, got {type(L).__name__}")
+    if L < 1:
+        raise ValueError(f"L must be >= 1, got {L}")
+    if q + L > MAX_LEVELS_PLUS_VARIANTS:
+        raise ValueError(f"q + L = {q + L} exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
+    return int(L)
+
+
+def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
+    """Per-pixel offsets v = numpy.random.RandomState(seed).randint(L, size=dim), int64."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if isinstance(num_variants, bool) or not isinstance(num_variants, (int, np.integer)) \
+            or num_variants < 1:
+        raise ValueError(f"num_variants must be a positive int, got {num_variants!r}")
+    rs = np.random.RandomState(seed)
+    return torch.from_numpy(rs.randint(int(num_variants), size=int(dim)).astype(np.int64))
+
+
+def value_table(q: int, dtype=torch.float32) -> torch.Tensor:
+    """The 4q+1 noised values m/(4q), each the nearest float32 (built in float64, where
+    the division is correctly rounded, then cast once; double rounding cannot occur since
+    m/(4q) is never within 2^-35 relative of a float32 rounding boundary)."""
+    m = torch.arange(4 * q + 1, dtype=torch.float64)
+    return (m / (4 * q)).to(dtype)

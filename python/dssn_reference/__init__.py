@@ -1,0 +1,143 @@
+"""dssn_reference: Deterministic Smoothing with Splitting Noise, written literally from
+Levine & Feizi (ICML 2021), slowly and in exact rational arithmetic.
+
+This is the oracle every backend of dssn_kernels is compared against, bit for bit. It
+shares no code with dssn_kernels. Equation numbers refer to the paper
+(shared/paper/levine-feizi-2021-dssn.txt):
+
+* Corollary 1, general case (eqs. 46-48): with split points s_i on the half-steps,
+      x~_i = [ min(2λ ceil((x_i - s_i)/(2λ)) + s_i, 1)
+             + max(2λ ceil((x_i - s_i)/(2λ) - 1) + s_i, 0) ] / 2
+* Derandomization (eqs. 17-18): a fixed offset vector v in [0, 2λ - 1/q]_(q) and one
+  scalar s_base in [0, 2λ - 1/q]_(q) + 1/(2q); s_i = (s_base + v_i) mod 2λ. The 2λq values
+  of s_base give the 2λq variants; the smoothed classifier is their majority vote.
+* Section 4.1: 2λ must be a multiple of 1/q; λ' = floor(2λq)/(2q) is used.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+__all__ = ["num_variants", "split_offsets", "variants", "certify", "Certificate",
+           "noised_pixel"]
+
+
+def num_variants(sigma=None, *, lam=None, q=255) -> int:
+    """2λ'q = floor(2λq), where the released code maps sigma to λ = sigma * sqrt(3)
+    (the standard deviation of U(-λ, λ) is λ/sqrt(3)), written lam = sigma / 3**-0.5."""
+    if (sigma is None) == (lam is None):
+        raise ValueError("give exactly one of sigma and lam")
+    if lam is None:
+        lam = sigma / 3 ** -0.5
+    L = int(2 * lam * q)
+    if L < 1:
+        raise ValueError(f"lambda={lam} gives no variant at q={q}")
+    return L
+
+
+def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
+    """v_i * q: the offsets chosen pseudorandomly when the classifier is trained (Sec. 4.1),
+    drawn as the released code does."""
+    return torch.from_numpy(np.random.RandomState(seed).randint(num_variants, size=dim))
+
+
+def noised_pixel(x: Fraction, s: Fraction, two_lam: Fraction) -> Fraction:
+    """Equations 47-48 (the interval of the split containing x, and its midpoint)."""
+    upper = min(two_lam * math.ceil((x - s) / two_lam) + s, Fraction(1))
+    lower = max(two_lam * math.ceil((x - s) / two_lam - 1) + s, Fraction(0))
+    return (upper + lower) / 2
+
+
+@lru_cache(maxsize=None)
+def _noised_pixel_float32(k: int, v: int, t: int, L: int, q: int) -> np.float32:
+    two_lam = Fraction(L, q)                                  # 2λ', a multiple of 1/q
+    s_base = Fraction(t, q) + Fraction(1, 2 * q)              # eq. 17, the t-th value
+    s = (s_base + Fraction(v, q)) % two_lam                   # eq. 18
+    exact = noised_pixel(Fraction(k, q), s, two_lam)
+    # float(Fraction) is correctly rounded to float64; m/(4q) is never close enough to a
+    # float32 rounding boundary for the second rounding to differ from a direct one.
+    return np.float32(float(exact))
+
+
+def _levels(x: torch.Tensor, q: int) -> np.ndarray:
+    """Quantized input as integers k with x = k/q, flattened per sample, C order."""
+    a = x.detach().cpu().reshape(x.shape[0], -1)
+    if a.is_floating_point():
+        k = torch.round(a.double() * q)
+        if bool(((a.double() * q - k).abs() > 1e-3).any()) or bool(((k < 0) | (k > q)).any()):
+            raise ValueError("input is not on the k/q grid in [0, 1]")
+        return k.long().numpy()
+    k = a.long().numpy()
+    if (k < 0).any() or (k > q).any():
+        raise ValueError("levels outside 0..q")
+    return k
+
+
+def _resolve(sigma, lam, L, q):
+    return L if L is not None else num_variants(sigma, lam=lam, q=q)
+
+
+def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=None,
+             backend="auto") -> torch.Tensor:
+    """Variants t = start..stop-1 of every image: float32 [B, stop-start, *x.shape[1:]].
+    ``backend`` is accepted for signature compatibility and ignored."""
+    L = _resolve(sigma, lam, L, q)
+    stop = L if stop is None else stop
+    k = _levels(x, q)
+    B, d = k.shape
+    v = split_offsets(d, L, seed).numpy()
+    out = np.empty((B, stop - start, d), dtype=np.float32)
+    for b in range(B):
+        for t in range(start, stop):
+            for i in range(d):
+                out[b, t - start, i] = _noised_pixel_float32(int(k[b, i]), int(v[i]), t, L, q)
+    return torch.from_numpy(out).view(B, stop - start, *x.shape[1:])
+
+
+class Certificate:
+    def __init__(self, prediction, radius, steps, counts):
+        self.prediction, self.radius, self.steps, self.counts = prediction, radius, steps, counts
+
+
+def _certified_steps(counts_row):
+    """Largest r such that, after any r of the L votes change (each quantization step of
+    L1 change alters at most one variant, Corollary 1), the prediction stays: for every
+    other class c, N_A - r > N_c + r, or N_A - r = N_c + r with A < c (index tie-break)."""
+    K = len(counts_row)
+    A = max(range(K), key=lambda c: (counts_row[c], -c))
+    r = 0
+    while all(counts_row[A] - (r + 1) > counts_row[c] + (r + 1)
+              or (counts_row[A] - (r + 1) == counts_row[c] + (r + 1) and A < c)
+              for c in range(K) if c != A):
+        r += 1
+    return A, r
+
+
+def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
+            backend="auto") -> Certificate:
+    """Evaluates the base classifier on all L variants of each image (one image at a time)
+    and certifies the vote. ``batch_size`` and ``backend`` are accepted and ignored."""
+    L = _resolve(sigma, lam, L, q)
+    B = x.shape[0]
+    rows, preds, steps = [], [], []
+    with torch.no_grad():
+        for b in range(B):
+            noisy = variants(x[b:b + 1], L=L, q=q, seed=seed)[0]
+            votes = model(noisy).argmax(dim=1).tolist()
+            K = None
+            counts = {}
+            for c in votes:
+                counts[c] = counts.get(c, 0) + 1
+            K = model(noisy[:1]).shape[1]
+            row = [counts.get(c, 0) for c in range(K)]
+            A, r = _certified_steps(row)
+            rows.append(row)
+            preds.append(A)
+            steps.append(r)
+    steps_t = torch.tensor(steps, dtype=torch.long)
+    return Certificate(torch.tensor(preds, dtype=torch.long), steps_t.double() / q, steps_t,
+                       torch.tensor(rows, dtype=torch.long))

@@ -1,0 +1,102 @@
+"""dssn::expand / dk.variants: bit-identical to the reference on every backend."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import dssn_kernels as dk
+import dssn_reference as ref
+
+BACKENDS = [b for b in ("torch", "cpp") if b in dk.available_backends()]
+
+
+def bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+@st.composite
+def cases(draw):
+    q = draw(st.integers(1, 255))
+    regime = draw(st.sampled_from(["one", "below", "equal", "above"]))
+    L = {"one": 1,
+         "below": draw(st.integers(1, max(1, q - 1))),
+         "equal": q,
+         "above": draw(st.integers(q + 1, min(q + 300, 2 * q + 40)))}[regime]
+    B = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    start = draw(st.integers(0, L))
+    stop = draw(st.integers(start, min(L, start + 40)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    as_float = draw(st.booleans())
+    non_contiguous = draw(st.booleans())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
+    levels = torch.randint(0, q + 1, (B, *shape), generator=g, dtype=torch.int64)
+    if non_contiguous:
+        # the same values through a strided view: every other element of a wider tensor
+        wide = torch.zeros((B, *shape[:-1], 2 * shape[-1]), dtype=torch.int64)
+        wide[..., ::2] = levels
+        levels = wide[..., ::2]
+        assert not levels.is_contiguous() or levels.numel() == B
+    x = (levels.double() / q).float() if as_float else levels.to(torch.uint8)
+    return x, q, L, seed, start, stop
+
+
+@given(cases())
+def test_variants_bit_identical_to_reference(case):
+    x, q, L, seed, start, stop = case
+    expected = ref.variants(x, L=L, q=q, seed=seed, start=start, stop=stop)
+    assert expected.shape == (x.shape[0], stop - start, *x.shape[1:])
+    for backend in BACKENDS:
+        got = dk.variants(x, L=L, q=q, seed=seed, start=start, stop=stop, backend=backend)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert torch.equal(bits(got), bits(expected)), backend
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_released_sigmas_cifar_shape(sigma, backend):
+    """Real settings (q=255, CIFAR shape), a window of the variants."""
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    L = dk.num_variants(sigma)
+    got = dk.variants(x, sigma=sigma, start=L - 3, backend=backend)
+    assert torch.equal(bits(got), bits(ref.variants(x, sigma=sigma, start=L - 3)))
+
+
+@pytest.mark.parametrize("q,L", [(1, 1), (3, 2), (5, 11), (16, 55), (255, 132), (255, 3091)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_are_nearest_float32_of_integer_ratio(q, L, backend):
+    """Every value is the float32 nearest to m/(4q) for an integer m in 0..4q."""
+    x = torch.arange(q + 1, dtype=torch.int32).view(1, q + 1)
+    out = dk.variants(x, L=L, q=q, backend=backend).double()
+    m = torch.round(out * 4 * q)
+    assert bool(((m >= 0) & (m <= 4 * q)).all())
+    nearest = np.array([np.float32(Fraction(int(mi), 4 * q).numerator / Fraction(int(mi), 4 * q).denominator)
+                        for mi in m.view(-1).tolist()], dtype=np.float32)
+    assert np.array_equal(out.float().numpy().reshape(-1).view(np.int32), nearest.view(np.int32))
+
+
+@pytest.mark.parametrize("q,L", [(1, 3), (4, 2), (4, 4), (7, 5), (7, 30), (16, 16), (255, 132)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_pixel_sees_every_split_once(q, L, backend):
+    """Over the L variants, each pixel's split index runs through a permutation of 0..L-1:
+    the multiset of its noised values equals {x~(k, j): j = 0..L-1} from the paper's
+    formula (eq. 47-48 with s = (j + 1/2)/q)."""
+    x = torch.arange(q + 1, dtype=torch.int32).repeat(3).view(1, -1)
+    out = dk.variants(x, L=L, q=q, seed=3, backend=backend)[0]     # [L, d]
+    two_lam = Fraction(L, q)
+    for i, k in enumerate(x[0].tolist()):
+        expected = sorted(float(np.float32(float(ref.noised_pixel(Fraction(k, q), Fraction(2 * j + 1, 2 * q), two_lam))))
+                          for j in range(L))
+        assert sorted(out[:, i].tolist()) == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_int_and_float_inputs_agree(backend):
+    q = 255
+    k = torch.arange(256).view(1, 4, 64)
+    outs = [dk.variants(x, L=37, q=q, backend=backend)
+            for x in (k.to(torch.uint8), k.int(), k.float() / 255, k.double() / 255)]
+    for o in outs[1:]:
+        assert torch.equal(bits(o), bits(outs[0]))

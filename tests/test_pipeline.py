@@ -1,0 +1,74 @@
+"""The chunked pipeline: counts identical for every chunk size and batch composition,
+forward batches full and bounded, identical across backends and vs the reference."""
+import pytest
+import torch
+
+import dssn_kernels as dk
+import dssn_reference as ref
+from models import IntegerLinear
+
+BACKENDS = dk.available_backends()
+
+
+def images(B, shape=(3, 4, 4), q=255, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, q + 1, (B, *shape), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("L", [1, 13, 60])
+def test_counts_identical_for_every_batch_size(backend, L):
+    x = images(4)
+    model = IntegerLinear(48, 5, 255, seed=L)
+    expected = ref.certify(model, x, L=L, q=255, seed=7).counts
+    for bs in sorted({1, 7, L, L + 1, 2 * L - 1, 4 * L, 1000}):
+        cert = dk.certify(model, x, L=L, q=255, seed=7, batch_size=bs, backend=backend)
+        assert torch.equal(cert.counts, expected), bs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_independent_of_batch_composition(backend):
+    x = images(6, seed=3)
+    model = IntegerLinear(48, 4, 255, seed=1)
+    whole = dk.certify(model, x, L=29, batch_size=40, backend=backend).counts
+    one_by_one = torch.cat([dk.certify(model, x[i:i + 1], L=29, batch_size=40, backend=backend).counts
+                            for i in range(6)])
+    perm = torch.tensor([4, 1, 5, 0, 3, 2])
+    permuted = dk.certify(model, x[perm], L=29, batch_size=17, backend=backend).counts
+    assert torch.equal(whole, one_by_one)
+    assert torch.equal(permuted, whole[perm])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_batches_full_and_bounded(backend):
+    """Images share forward batches: every forward but the last has exactly batch_size
+    inputs, whatever L, so the workspace (and peak memory) does not grow with L."""
+    for L, bs in [(13, 50), (60, 50), (220, 64), (7, 1000)]:
+        model = IntegerLinear(48, 3, 255)
+        dk.certify(model, images(5), L=L, batch_size=bs, backend=backend)
+        total = 5 * L
+        assert sum(model.calls) == total
+        assert model.calls[:-1] == [bs] * (len(model.calls) - 1)
+        assert model.calls[-1] == total - bs * (len(model.calls) - 1)
+
+
+def test_backends_agree_on_a_cnn():
+    """A float CNN (not integer-exact): same inputs bit for bit, so the same votes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 2 * 2, 10)).eval()
+    x = images(3)
+    certs = [dk.certify(model, x, sigma=0.25, batch_size=220, backend=b) for b in BACKENDS]
+    for c in certs[1:]:
+        assert torch.equal(c.counts, certs[0].counts)
+
+
+def test_dssn_class_predict_and_certify():
+    model = IntegerLinear(48, 4, 255, seed=2)
+    x = images(3)
+    smooth = dk.DSSN(model, num_classes=4, sigma=0.12)
+    cert = smooth.certify(x)
+    expected = ref.certify(model, x, sigma=0.12)
+    assert torch.equal(cert.counts, expected.counts)
+    assert torch.equal(smooth.predict(x), expected.prediction)
+    assert cert.num_variants == dk.num_variants(0.12) == cert.counts.sum(1)[0]

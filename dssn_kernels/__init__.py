@@ -5,13 +5,15 @@
 
 The reference oracle lives in the separate package ``dssn_reference`` (python/).
 """
-from .backends import BackendUnavailableError, available_backends
+from .backends import BackendUnavailableError, available_backends, native_extension_error
 from .certify import Certificate, certificate_from_counts, certify, variants
 from .smooth import DSSN
 from .spec import num_variants, split_offsets
 from .training import training_noise
 
 __version__ = "0.1.0"
+
+native_extension_error()  # registers torch.ops.dssn.* when the extension is built
 
 __all__ = [
     "BackendUnavailableError", "Certificate", "DSSN", "available_backends",

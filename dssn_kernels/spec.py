@@ -75,9 +75,26 @@ def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
     return torch.from_numpy(rs.randint(int(num_variants), size=int(dim)).astype(np.int64))
 
 
+# Largest q for which rounding m/(4q) to float32 and then to the dtype (what every kernel
+# does) equals rounding it directly: m/(4q) differs from a rounding boundary of a p-bit
+# format by at least 2^-(p+1)/(4q) relative, which must exceed float32's 2^-24.
+MAX_Q_FOR_DTYPE = {torch.float32: 1 << 21, torch.float16: 1023, torch.bfloat16: 8191}
+
+
+def check_value_dtype(q: int, dtype: torch.dtype) -> None:
+    limit = MAX_Q_FOR_DTYPE.get(dtype)
+    if limit is None:
+        raise TypeError(f"variants are float32, float16 or bfloat16, got {dtype}")
+    if q > limit:
+        raise ValueError(f"{dtype} cannot hold the noised values m/(4q) exactly rounded for "
+                         f"q={q} (at most q={limit}); use float32")
+
+
 def value_table(q: int, dtype=torch.float32) -> torch.Tensor:
-    """The 4q+1 noised values m/(4q), each the nearest float32 (built in float64, where
-    the division is correctly rounded, then cast once; double rounding cannot occur since
-    m/(4q) is never within 2^-35 relative of a float32 rounding boundary)."""
+    """The 4q+1 noised values m/(4q), each the nearest value of ``dtype``: built in
+    float64 (correctly rounded division), rounded once to float32 (no double-rounding
+    error: m/(4q) is never within 2^-35 relative of a float32 rounding boundary), then,
+    for float16/bfloat16, rounded to nearest-even (exact for q <= MAX_Q_FOR_DTYPE)."""
+    check_value_dtype(q, dtype)
     m = torch.arange(4 * q + 1, dtype=torch.float64)
-    return (m / (4 * q)).to(dtype)
+    return (m / (4 * q)).to(torch.float32).to(dtype)

@@ -3,18 +3,15 @@ workspace, run the model, fold its argmax votes into int64 counts, derive the ex
 certificate (DESIGN.md, "Certificate")."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .backends import resolve_backend
 from .inputs import to_levels
-from .ops import expand_into, vote_into
+from .ops import expand_into
+from .pipeline import check_batch_size, run_votes, warn_if_training
 from .spec import resolve_num_variants, split_offsets
-
-DEFAULT_BATCH_SIZE = 256
 
 
 @dataclass
@@ -25,7 +22,8 @@ class Certificate:
         index on ties). radius: float64 Tensor[B], certified L1 radius on the [0, 1]
         scale (= steps / q): every quantized x' with ||x' - x||_1 <= radius gets the same
         prediction. steps: LongTensor[B], the radius in quantization steps. counts:
-        LongTensor[B, K], votes of the L variants (each row sums to L).
+        LongTensor[B, K], votes of the L variants (each row sums to L). num_variants: L;
+        q: the quantization; backend: the backend that ran.
     """
     prediction: torch.Tensor
     radius: torch.Tensor
@@ -33,6 +31,7 @@ class Certificate:
     counts: torch.Tensor
     num_variants: int
     q: int
+    backend: str | None = None
 
 
 def certified_steps(counts: torch.Tensor):
@@ -70,44 +69,6 @@ def certificate_from_counts(counts, q):
     return prediction, steps.double() / q
 
 
-def _windows(pos: int, end: int, L: int):
-    """Splits the flat (image, variant) range [pos, end) into runs that one expand call
-    writes: (first image, number of images, first variant, variants per image)."""
-    while pos < end:
-        b, t = divmod(pos, L)
-        if t == 0 and end - pos >= L:
-            n = (end - pos) // L
-            yield b, n, 0, L
-            pos += n * L
-        else:
-            count = min(L - t, end - pos)
-            yield b, 1, t, count
-            pos += count
-
-
-def _check_logits(logits, rows: int, num_classes):
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"model must return a logits tensor [N, K], got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[0] != rows:
-        raise ValueError(f"model must return logits of shape [N, K] = [{rows}, K] for a batch "
-                         f"of {rows} inputs, got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"model must return floating-point logits, got {logits.dtype}")
-    if logits.shape[1] < 2:
-        raise ValueError(f"model must return at least 2 class logits, got K={logits.shape[1]}")
-    if num_classes is not None and logits.shape[1] != num_classes:
-        raise ValueError(f"model returned K={logits.shape[1]} logits per input, "
-                         f"expected {num_classes}")
-
-
-def _check_batch_size(batch_size) -> int:
-    if batch_size is None:
-        return DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
-
-
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
             backend="auto", num_classes=None, progress=False) -> Certificate:
     """Exact DSSN certificate of every image in x for the base classifier ``model``.
@@ -119,44 +80,22 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     does not depend on L.
     """
     L = resolve_num_variants(sigma, lam, q, L)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     levels = to_levels(x, q)
     backend = resolve_backend(backend, levels.device)
-    if getattr(model, "training", False):
-        warnings.warn("certify: the model is in training mode (dropout/batch-norm make votes "
-                      "depend on the batch); call model.eval() first", stacklevel=2)
+    warn_if_training(model)
     B, d = levels.shape
-    shape = tuple(x.shape[1:])
     offsets = split_offsets(d, L, seed).to(device=levels.device, dtype=torch.int32)
-    total = B * L
-    rows_max = min(batch_size, total)
-    counts = None
-    with torch.inference_mode():
-        workspace = torch.empty((rows_max, d), dtype=torch.float32, device=levels.device)
-        nan_rows = torch.zeros(1, dtype=torch.int64, device=levels.device)
-        starts = range(0, total, rows_max)
-        for pos in tqdm(starts, desc="certify", unit="batch", disable=not progress):
-            end = min(pos + rows_max, total)
-            row = 0
-            for b, n, t, count in _windows(pos, end, L):
-                out = workspace[row:row + n * count].view(n, count, d)
-                expand_into(out, levels[b:b + n], offsets, L, q, t, backend)
-                row += n * count
-            logits = model(workspace[:end - pos].view(end - pos, *shape))
-            _check_logits(logits, end - pos, num_classes)
-            if counts is None:
-                num_classes = logits.shape[1]
-                counts = torch.zeros((B, num_classes), dtype=torch.int64, device=levels.device)
-            first = pos // L
-            vote_into(counts[first:], nan_rows, logits, pos - first * L, L, backend)
-            if levels.device.type == "cpu" and nan_rows.item():
-                raise ValueError(f"model returned NaN logits for {nan_rows.item()} variant(s) "
-                                 f"of image(s) {first}..{(end - 1) // L}")
-    if nan_rows.item():
-        raise ValueError(f"model returned NaN logits for {nan_rows.item()} variant(s)")
+
+    def fill(out, b, t):
+        expand_into(out, levels[b:b + out.shape[0]], offsets, L, q, t, backend)
+
+    counts = run_votes(model, fill, num_images=B, per_image=L, shape=tuple(x.shape[1:]),
+                       batch_size=batch_size, backend=backend, device=levels.device,
+                       num_classes=num_classes, progress=progress)
     prediction, steps = certified_steps(counts)
     return Certificate(prediction=prediction, radius=steps.double() / q, steps=steps,
-                       counts=counts, num_variants=L, q=q)
+                       counts=counts, num_variants=L, q=q, backend=backend)
 
 
 def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=None,

@@ -37,8 +37,12 @@ def check_logits(logits, rows: int, num_classes) -> None:
                          f"expected {num_classes}")
 
 
+_BATCH_DEPENDENT = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+
+
 def warn_if_training(model) -> None:
-    if getattr(model, "training", False):
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    if any(isinstance(m, _BATCH_DEPENDENT) and m.training for m in modules):
         warnings.warn("the model is in training mode (dropout/batch-norm make votes depend on "
                       "the batch); call model.eval() first", stacklevel=3)
 

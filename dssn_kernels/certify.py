@@ -11,7 +11,7 @@ from .backends import resolve_backend
 from .inputs import to_levels
 from .ops import expand_into
 from .pipeline import check_batch_size, run_votes, warn_if_training
-from .spec import resolve_num_variants, split_offsets
+from .spec import _check_q, resolve_num_variants, split_offsets
 
 
 @dataclass
@@ -63,8 +63,7 @@ def _check_counts(counts) -> torch.Tensor:
 def certificate_from_counts(counts, q):
     """(prediction LongTensor[B], radius float64 Tensor[B]) from vote counts [B, K]."""
     counts = _check_counts(counts)
-    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-        raise ValueError(f"q must be a positive int, got {q!r}")
+    q = _check_q(q)
     prediction, steps = certified_steps(counts)
     return prediction, steps.double() / q
 

@@ -66,12 +66,21 @@ def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int
 
 def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
     """Per-pixel offsets v = numpy.random.RandomState(seed).randint(L, size=dim), int64."""
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"dim must be a positive int, got {type(dim).__name__}")
+    if dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
-    if isinstance(num_variants, bool) or not isinstance(num_variants, (int, np.integer)) \
-            or num_variants < 1:
+    if isinstance(num_variants, bool) or not isinstance(num_variants, (int, np.integer)):
+        raise TypeError(f"num_variants must be a positive int, got {type(num_variants).__name__}")
+    if num_variants < 1:
         raise ValueError(f"num_variants must be a positive int, got {num_variants!r}")
-    rs = np.random.RandomState(seed)
+    # seed=None would make numpy seed from the OS: offsets (and certificates) that change
+    # from call to call. The seed is part of the smoothed classifier, so it is required.
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int in 0..2**32-1, got {type(seed).__name__}")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an int in 0..2**32-1, got {seed}")
+    rs = np.random.RandomState(int(seed))
     return torch.from_numpy(rs.randint(int(num_variants), size=int(dim)).astype(np.int64))
 
 

@@ -1,0 +1,388 @@
+"""Bad inputs fail loudly, before any work, with a message naming the problem.
+
+Every entry point that takes images (dk.certify, dk.variants, dk.training_noise,
+dk.DSSN.certify/predict) validates the smoothing spec, the images, the backend and the
+batch size before the model is called: the models here record their calls, and a bad
+argument must leave that record empty. Wrong Python types raise TypeError, bad values
+ValueError, a backend that exists but cannot run here dk.BackendUnavailableError.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dssn_kernels as dk
+from dssn_kernels.inputs import to_levels
+
+K = 3
+SHAPE = (2, 3)          # per-image shape used by most tests (d = 6)
+
+
+class Recorder:
+    """A deterministic base classifier [N, *SHAPE] -> [N, K] that records its calls;
+    ``post`` rewrites its logits (to build broken models)."""
+
+    def __init__(self, num_classes=K, post=None):
+        self.calls = []
+        self.num_classes = num_classes
+        self.post = post
+
+    def __call__(self, z):
+        self.calls.append(tuple(z.shape))
+        flat = z.reshape(z.shape[0], -1).double()
+        w = torch.arange(1, flat.shape[1] + 1, dtype=torch.float64)
+        score = (flat * w).sum(1, keepdim=True)                     # [N, 1]
+        logits = torch.cos(score * torch.arange(1, self.num_classes + 1, dtype=torch.float64))
+        logits = logits.float()
+        return self.post(logits) if self.post is not None else logits
+
+
+def good_x(B=2, q=255):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, q + 1, (B, *SHAPE), generator=g).double() / q
+
+
+SPEC = dict(L=5)
+
+
+# --- one runner per entry point: run(model, x, **kw) ---------------------------------
+
+def run_certify(model, x, **kw):
+    kw = {**SPEC, **kw}
+    return dk.certify(model, x, **kw)
+
+
+def run_variants(model, x, **kw):
+    kw = {**SPEC, **kw}
+    kw.pop("batch_size", None)
+    return dk.variants(x, **kw)
+
+
+def run_training_noise(model, x, **kw):
+    kw = {**SPEC, **kw}
+    kw.pop("batch_size", None)
+    kw.pop("backend", None)
+    return dk.training_noise(x, **kw)
+
+
+def run_dssn_certify(model, x, **kw):
+    kw = {**SPEC, **kw}
+    sigma = kw.pop("sigma", None)
+    return dk.DSSN(model, K, sigma, **kw).certify(x)
+
+
+def run_dssn_predict(model, x, **kw):
+    kw = {**SPEC, **kw}
+    sigma = kw.pop("sigma", None)
+    return dk.DSSN(model, K, sigma, **kw).predict(x)
+
+
+ALL = [run_certify, run_variants, run_training_noise, run_dssn_certify, run_dssn_predict]
+WITH_MODEL = [run_certify, run_dssn_certify, run_dssn_predict]
+WITH_BACKEND = [run_certify, run_variants, run_dssn_certify]
+ids = lambda f: f.__name__[4:]  # noqa: E731
+
+
+def check_raises(runner, exc, match, x=None, **kw):
+    model = Recorder()
+    with pytest.raises(exc, match=match):
+        runner(model, good_x() if x is None else x, **kw)
+    assert model.calls == [], "the model ran before the bad input was rejected"
+
+
+# --- the images -----------------------------------------------------------------------
+
+BAD_X = {
+    "off-grid half step": (torch.full((2, *SHAPE), 127.5 / 255), {}, ValueError, r"off the k/q grid"),
+    "off-grid by 0.01 step": (torch.full((1, *SHAPE), 3.01 / 255, dtype=torch.float64), {},
+                              ValueError, r"off the k/q grid"),
+    "grid of another q": (torch.full((1, *SHAPE), 1 / 255), dict(q=16), ValueError, r"off the k/q grid"),
+    "above 1": (torch.full((1, *SHAPE), 256 / 255, dtype=torch.float64), {}, ValueError, r"\[0, 1\]"),
+    "below 0": (torch.full((1, *SHAPE), -1 / 255), {}, ValueError, r"\[0, 1\]"),
+    "NaN": (torch.tensor([[0.0, math.nan, 1.0]]), {}, ValueError, r"NaN"),
+    "+inf": (torch.tensor([[0.0, math.inf, 1.0]]), {}, ValueError, r"infinite"),
+    "-inf": (torch.tensor([[0.0, -math.inf]], dtype=torch.float64), {}, ValueError, r"infinite"),
+    "uint8 above q": (torch.tensor([[0, 16, 17]], dtype=torch.uint8), dict(q=16), ValueError,
+                      r"0\.\.q=16.*outside"),
+    "int64 negative": (torch.tensor([[0, -1, 3]]), {}, ValueError, r"outside"),
+    "uint8 with q > 255": (torch.tensor([[0, 1, 2]], dtype=torch.uint8), dict(q=256), ValueError,
+                           r"q must be <= 255"),
+    "1-D x": (torch.zeros(6), {}, ValueError, r"shape \[B, \.\.\.\]"),
+    "0-D x": (torch.tensor(0.0), {}, ValueError, r"shape \[B, \.\.\.\]"),
+    "empty batch": (torch.zeros(0, 6), {}, ValueError, r"at least one image"),
+    "no pixels": (torch.zeros(2, 0), {}, ValueError, r"at least one pixel"),
+    "list": ([[0.0, 1.0]], {}, TypeError, r"torch\.Tensor"),
+    "numpy array": (np.zeros((2, 6), dtype=np.float32), {}, TypeError, r"torch\.Tensor"),
+    "bool": (torch.zeros(2, 6, dtype=torch.bool), {}, TypeError, r"dtype"),
+    "complex": (torch.zeros(2, 6, dtype=torch.complex64), {}, TypeError, r"dtype"),
+}
+
+
+@pytest.mark.parametrize("runner", ALL, ids=ids)
+@pytest.mark.parametrize("case", list(BAD_X))
+def test_bad_images(runner, case):
+    x, kw, exc, match = BAD_X[case]
+    check_raises(runner, exc, match, x=x, **kw)
+
+
+def test_error_counts_the_bad_pixels():
+    x = torch.full((2, *SHAPE), 3 / 255)
+    x[0, 0, 1] = 3.5 / 255
+    x[1, 1, 2] = 0.2 / 255
+    with pytest.raises(ValueError, match=r"^2 float pixel\(s\) are off the k/q grid for q=255"):
+        dk.variants(x, L=3)
+    x = torch.zeros(1, 4)
+    x[0, 1] = math.nan
+    x[0, 2] = math.inf
+    x[0, 3] = -math.inf
+    with pytest.raises(ValueError, match=r"1 NaN and 2 infinite"):
+        dk.variants(x, L=3)
+
+
+# --- the smoothing spec ---------------------------------------------------------------
+
+BAD_SPEC = {
+    "sigma gives L < 1": (dict(L=None, sigma=1e-4, q=255), ValueError, r"L = int\(2\*lambda\*q\) = 0"),
+    "lam gives L < 1": (dict(L=None, lam=0.001, q=255), ValueError, r"L = int\(2\*lambda\*q\) = 0"),
+    "sigma and lam": (dict(L=None, sigma=0.5, lam=0.5), ValueError, r"exactly one of sigma"),
+    "sigma and L": (dict(sigma=0.5), ValueError, r"exactly one of sigma"),
+    "none of them": (dict(L=None), ValueError, r"exactly one of sigma"),
+    "L = 0": (dict(L=0), ValueError, r"L must be >= 1"),
+    "L < 0": (dict(L=-3), ValueError, r"L must be >= 1"),
+    "L float": (dict(L=5.0), TypeError, r"L must be an int"),
+    "sigma negative": (dict(L=None, sigma=-0.5), ValueError, r"sigma must be a positive finite"),
+    "sigma NaN": (dict(L=None, sigma=math.nan), ValueError, r"sigma must be a positive finite"),
+    "sigma inf": (dict(L=None, sigma=math.inf), ValueError, r"sigma must be a positive finite"),
+    "lam zero": (dict(L=None, lam=0.0), ValueError, r"lam must be a positive finite"),
+    "sigma str": (dict(L=None, sigma="0.5"), TypeError, r"sigma must be a number"),
+    "q = 0": (dict(q=0), ValueError, r"q must be >= 1"),
+    "q float": (dict(q=255.0), TypeError, r"q must be an int"),
+    "q bool": (dict(q=True), TypeError, r"q must be an int"),
+    "seed negative": (dict(seed=-1), ValueError, r"seed"),
+    "seed None": (dict(seed=None), TypeError, r"seed"),
+    "seed float": (dict(seed=1.5), TypeError, r"seed"),
+}
+
+
+@pytest.mark.parametrize("runner", ALL, ids=ids)
+@pytest.mark.parametrize("case", list(BAD_SPEC))
+def test_bad_spec(runner, case):
+    kw, exc, match = BAD_SPEC[case]
+    check_raises(runner, exc, match, **kw)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_SPEC if not c.startswith("seed")])
+def test_dssn_rejects_bad_spec_at_construction(case):
+    kw, exc, match = BAD_SPEC[case]
+    kw = {**SPEC, **kw}
+    sigma = kw.pop("sigma", None)
+    with pytest.raises(exc, match=match):
+        dk.DSSN(Recorder(), K, sigma, **kw)
+
+
+def test_num_variants_bad_spec():
+    with pytest.raises(ValueError, match=r"= 0 variants at q=255"):
+        dk.num_variants(sigma=1e-4, q=255)
+    with pytest.raises(ValueError, match=r"exactly one of sigma and lam"):
+        dk.num_variants(0.5, lam=0.5)
+    with pytest.raises(ValueError, match=r"exactly one of sigma and lam"):
+        dk.num_variants()
+
+
+def test_split_offsets_bad_arguments():
+    with pytest.raises(ValueError, match=r"dim must be a positive int"):
+        dk.split_offsets(0, 5)
+    with pytest.raises(ValueError, match=r"num_variants must be a positive int"):
+        dk.split_offsets(4, 0)
+    with pytest.raises(TypeError, match=r"dim must be a positive int"):
+        dk.split_offsets(4.0, 5)
+    with pytest.raises(TypeError, match=r"seed must be an int"):
+        dk.split_offsets(4, 5, seed=None)    # numpy would seed from the OS: not reproducible
+    with pytest.raises(ValueError, match=r"seed must be an int in 0\.\.2\*\*32-1"):
+        dk.split_offsets(4, 5, seed=2 ** 32)
+    assert torch.equal(dk.split_offsets(4, 5, seed=np.uint32(7)), dk.split_offsets(4, 5, seed=7))
+
+
+# --- start / stop ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("start,stop", [(-1, 3), (0, 6), (4, 3), (5, 6), (6, 6), (0, -1)])
+def test_variants_bad_range(start, stop):
+    with pytest.raises(ValueError, match=r"need 0 <= start <= stop <= L = 5, got start="):
+        dk.variants(good_x(), L=5, start=start, stop=stop)
+
+
+@pytest.mark.parametrize("start,stop", [(1.0, 3), (0, 3.0), (True, 3), ("0", 3)])
+def test_variants_bad_range_type(start, stop):
+    with pytest.raises(TypeError, match=r"(start|stop) must be an int"):
+        dk.variants(good_x(), L=5, start=start, stop=stop)
+
+
+def test_variants_edge_ranges_are_fine():
+    x = good_x()
+    assert dk.variants(x, L=5, start=2, stop=2).shape == (2, 0, *SHAPE)
+    assert dk.variants(x, L=5, start=5).shape == (2, 0, *SHAPE)
+    assert dk.variants(x, L=5, start=0, stop=5).shape == (2, 5, *SHAPE)
+
+
+# --- backend and batch size -----------------------------------------------------------
+
+@pytest.mark.parametrize("runner", WITH_BACKEND, ids=ids)
+@pytest.mark.parametrize("backend", ["nope", "CPP", "", None, 3])
+def test_unknown_backend(runner, backend):
+    check_raises(runner, ValueError, r"unknown backend", backend=backend)
+
+
+@pytest.mark.parametrize("runner", WITH_BACKEND, ids=ids)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backend_unavailable_on_cpu(runner, backend):
+    check_raises(runner, dk.BackendUnavailableError, rf"backend '{backend}' is not available",
+                 backend=backend)
+
+
+@pytest.mark.parametrize("runner", WITH_MODEL, ids=ids)
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True, "8"])
+def test_bad_batch_size(runner, batch_size):
+    check_raises(runner, ValueError, r"batch_size must be a positive int", batch_size=batch_size)
+
+
+# --- what the model returns -----------------------------------------------------------
+
+BAD_OUTPUT = {
+    "1-D": (lambda l: l[:, 0], r"shape \[N, K\] = \[\d+, K\].*got shape \(\d+,\)"),
+    "one row short": (lambda l: l[:-1], r"shape \[N, K\] = \[\d+, K\]"),
+    "one row too many": (lambda l: torch.cat([l, l[:1]]), r"shape \[N, K\] = \[\d+, K\]"),
+    "3-D": (lambda l: l[:, None, :], r"shape \[N, K\]"),
+    "K = 1": (lambda l: l[:, :1], r"at least 2 class logits, got K=1"),
+    "K = 0": (lambda l: l[:, :0], r"at least 2 class logits, got K=0"),
+    "integer logits": (lambda l: (l * 100).long(), r"floating-point logits"),
+    "bool logits": (lambda l: l > 0, r"floating-point logits"),
+    "list": (lambda l: l.tolist(), r"logits tensor \[N, K\], got list"),
+    "numpy": (lambda l: l.numpy(), r"logits tensor \[N, K\], got ndarray"),
+    "tuple": (lambda l: (l, l), r"logits tensor \[N, K\], got tuple"),
+    "all NaN": (lambda l: torch.full_like(l, math.nan), r"NaN logits"),
+}
+
+
+@pytest.mark.parametrize("backend", dk.available_backends())
+@pytest.mark.parametrize("runner", WITH_MODEL, ids=ids)
+@pytest.mark.parametrize("case", list(BAD_OUTPUT))
+def test_bad_model_output(runner, case, backend):
+    post, match = BAD_OUTPUT[case]
+    model = Recorder(post=post)
+    with pytest.raises(ValueError, match=match):
+        runner(model, good_x(), batch_size=4, backend=backend)
+    assert len(model.calls) == 1, "the bad output must be caught at the first forward"
+
+
+@pytest.mark.parametrize("backend", dk.available_backends())
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_nan_logits_in_one_row(where, backend):
+    """One NaN logit in one row of one forward batch (not the first) is an error."""
+    B, L, bs = 3, 7, 4        # 21 rows in 6 forward batches
+    target = {"first": 0, "middle": 10, "last": B * L - 1}[where]
+    seen = [0]
+
+    def post(logits):
+        n = logits.shape[0]
+        lo = seen[0]
+        seen[0] += n
+        if lo <= target < lo + n:
+            logits = logits.clone()
+            logits[target - lo, 1] = math.nan
+        return logits
+
+    with pytest.raises(ValueError, match=r"NaN logits for 1 (input|variant)"):
+        dk.certify(Recorder(post=post), good_x(B), L=L, batch_size=bs, backend=backend)
+
+
+def test_infinite_logits_are_votes_not_errors():
+    def post(logits):
+        logits = logits.clone()
+        logits[:, 2] = math.inf
+        return logits
+
+    cert = dk.certify(Recorder(post=post), good_x(), L=5)
+    assert cert.prediction.tolist() == [2, 2] and cert.counts[:, 2].tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("backend", dk.available_backends())
+def test_dssn_num_classes_disagrees_with_model(backend):
+    for wrong in (2, 4, 10):
+        smooth = dk.DSSN(Recorder(), wrong, L=5, batch_size=4, backend=backend)
+        with pytest.raises(ValueError, match=rf"returned K={K} logits per input, expected {wrong}"):
+            smooth.certify(good_x())
+        with pytest.raises(ValueError, match=rf"expected {wrong}"):
+            smooth.predict(good_x())
+    with pytest.raises(ValueError, match=r"expected 4"):
+        dk.certify(Recorder(), good_x(), L=5, num_classes=4)
+    cert = dk.DSSN(Recorder(), K, L=5, backend=backend).certify(good_x())
+    assert cert.counts.shape == (2, K)
+
+
+def test_training_noise_bad_spec_and_images_need_no_generator():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"off the k/q grid"):
+        dk.training_noise(torch.full((2, 3), 0.3), L=4, generator=g)
+    with pytest.raises(ValueError, match=r"exactly one of sigma"):
+        dk.training_noise(good_x(), generator=g)
+
+
+# --- accepted inputs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", dk.available_backends())
+def test_uint8_float32_float64_levels_give_identical_variants(backend):
+    k = torch.arange(256)
+    levels = torch.stack([k, k.flip(0)]).view(2, 16, 16)
+    xs = {
+        "uint8": levels.to(torch.uint8),
+        "int64": levels,
+        "float32 k/255": (torch.arange(256) / 255)[levels],        # float32 division
+        "float64 k/255": (torch.arange(256, dtype=torch.float64) / 255)[levels],
+        "float16 k/255": (torch.arange(256) / 255).half()[levels],
+        "float32 noncontiguous": (torch.arange(256) / 255)[levels].transpose(1, 2).contiguous()
+                                  .transpose(1, 2),
+    }
+    expected = dk.variants(xs["uint8"], sigma=0.25, backend=backend)
+    assert expected.shape == (2, 220, 16, 16)
+    for name, x in xs.items():
+        got = dk.variants(x, sigma=0.25, backend=backend)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), name
+
+
+def test_float16_input_at_q16_is_accepted():
+    x = (torch.arange(17, dtype=torch.float16) / 16).view(1, 17)
+    assert x.dtype == torch.float16
+    levels = torch.arange(17, dtype=torch.uint8).view(1, 17)
+    for backend in dk.available_backends():
+        got = dk.variants(x, lam=0.5, q=16, backend=backend)
+        assert got.dtype == torch.float32 and got.shape == (1, 16, 17)
+        assert torch.equal(got, dk.variants(levels, lam=0.5, q=16, backend=backend))
+    model = Recorder()
+    cert = dk.certify(lambda z: model(z.view(-1, 17)[:, :6].reshape(-1, *SHAPE)), x, L=16, q=16)
+    assert cert.counts.sum().item() == 16
+
+
+def test_int32_levels_with_q_above_255():
+    x = torch.tensor([[0, 300, 1000]], dtype=torch.int32)
+    as_float = x.double() / 1000
+    assert torch.equal(dk.variants(x, L=9, q=1000), dk.variants(as_float, L=9, q=1000))
+
+
+@given(q=st.integers(1, 4000), data=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_on_grid_floats_read_as_their_level(q, data, dtype):
+    k = torch.tensor(data.draw(st.lists(st.integers(0, q), min_size=1, max_size=8)))
+    x = (k.to(dtype) / q).view(1, -1)
+    assert torch.equal(to_levels(x, q).long(), k.view(1, -1))
+
+
+@given(q=st.integers(1, 4000), data=st.data(), frac=st.floats(0.01, 0.99),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_off_grid_floats_are_rejected(q, data, frac, dtype):
+    k = data.draw(st.integers(0, q - 1))
+    x = torch.full((1, 3), (k + frac) / q, dtype=dtype)
+    with pytest.raises(ValueError, match=r"off the k/q grid"):
+        to_levels(x, q)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .backends import BACKENDS
 from .certify import Certificate, certify
-from .spec import resolve_num_variants
+from .pipeline import check_batch_size
+from .spec import resolve_num_variants, split_offsets
 
 
 class DSSN:
@@ -20,6 +22,12 @@ class DSSN:
     def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma=None,
                  q: int = 255, seed: int = 0, *, lam=None, L=None, batch_size=None,
                  backend: str = "auto"):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        split_offsets(1, 1, seed)  # validates the seed
+        check_batch_size(batch_size)
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.q = q

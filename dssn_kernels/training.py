@@ -13,6 +13,8 @@ def training_noise(x, *, sigma=None, lam=None, L=None, q=255, seed=0, generator=
     """x [B, ...] (float on the k/q grid or integer levels) -> float32 [B, ...], each
     sample replaced by its variant t_b, t_b uniform in 0..L-1 (drawn with ``generator``)."""
     L = resolve_num_variants(sigma, lam, q, L)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     levels = to_levels(x, q)
     B, d = levels.shape
     offsets = split_offsets(d, L, seed).to(levels.device)

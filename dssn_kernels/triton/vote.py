@@ -1,0 +1,119 @@
+"""Triton kernel of dssn::vote_: fused argmax-and-vote.
+
+Each logits row votes for its argmax, the FIRST index of the maximum on ties (as
+torch.argmax), into int64 counts[image, class] with image = (row0 + r) // rows_per_image;
+rows holding a NaN are counted in nan_rows and do not vote. The argmax is explicit (block
+max, then the smallest index equal to it, then a strict ``>`` across column blocks) rather
+than tl.argmax, whose tie-breaking is an implementation detail. Votes are integer atomic
+adds, so counts do not depend on the order the programs run in.
+
+Each program reduces BLOCK_R rows, looping over the columns in blocks of BLOCK_K.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+# Whether the kernel below was defined for Triton's interpreter (see triton_available).
+KERNEL_INTERPRETED = interpreting()
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Elements per program tile, and the widest column block.
+_TILE = 4096
+_MAX_BLOCK_K = 1024
+
+
+@triton.jit
+def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0,
+                 rows_per_image, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 IS_FP64: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    row_base = logits_ptr + rows.to(tl.int64) * stride_r
+
+    if IS_FP64:
+        best = tl.full([BLOCK_R], float("-inf"), tl.float64)
+    else:
+        best = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_R], dtype=tl.int32)       # all -inf rows vote 0, as torch
+    nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * stride_k,
+                    mask=ok, other=0)
+        if IS_FP64:
+            x = x.to(tl.float64)
+        else:
+            x = x.to(tl.float32)                     # exact for float16/bfloat16
+        nan_seen = tl.maximum(nan_seen, tl.max((x != x).to(tl.int32), axis=1))
+        x = tl.where(ok, x, float("-inf"))
+        block_max = tl.max(x, axis=1)
+        first = tl.min(tl.where(ok & (x == block_max[:, None]), cols[None, :], K), axis=1)
+        better = block_max > best                    # strict: earlier blocks win ties
+        arg = tl.where(better, first, arg)
+        best = tl.where(better, block_max, best)
+
+    image = (rows.to(tl.int64) + row0) // rows_per_image
+    voting = row_ok & (nan_seen == 0)
+    tl.atomic_add(counts_ptr + image * K + arg, tl.full([BLOCK_R], 1, tl.int64),
+                  mask=voting, sem="relaxed")
+    nans = tl.sum((row_ok & (nan_seen != 0)).to(tl.int64), axis=0)
+    tl.atomic_add(nan_ptr, nans, mask=nans > 0, sem="relaxed")
+
+
+def vote_settings(R: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps) for R rows of K logits: a tile of about _TILE
+    elements, the whole row in one block when K <= _MAX_BLOCK_K."""
+    block_k = min(triton.next_power_of_2(K), _MAX_BLOCK_K)
+    block_r = min(triton.next_power_of_2(R), max(1, _TILE // block_k))
+    tile = block_r * block_k
+    num_warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
+    return block_r, block_k, num_warps
+
+
+def vote_triton(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tensor,
+                row0: int, rows_per_image: int) -> None:
+    """Adds each row's vote into ``counts`` (in place); rows with a NaN add to nan_rows.
+
+    counts: contiguous int64 [B, K]; nan_rows: int64 with one element; logits: [R, K]
+    float32/float16/bfloat16/float64, any strides; row r votes for image
+    (row0 + r) // rows_per_image. Same semantics as torch.ops.dssn.vote_.
+    """
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 \
+            or counts.dim() != 2 or not counts.is_contiguous():
+        raise ValueError("vote_triton: counts must be a contiguous int64 [B, K] tensor")
+    if nan_rows.dtype != torch.int64 or nan_rows.numel() != 1 or not nan_rows.is_contiguous():
+        raise ValueError("vote_triton: nan_rows must be a contiguous int64 tensor with one element")
+    if logits.dim() != 2 or logits.shape[1] != counts.shape[1]:
+        raise ValueError(f"vote_triton: logits {tuple(logits.shape)} do not match counts "
+                         f"{tuple(counts.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"vote_triton: logits must be float32, float16, bfloat16 or float64, "
+                         f"got {logits.dtype}")
+    if not (counts.device == nan_rows.device == logits.device):
+        raise ValueError(f"vote_triton: counts, nan_rows and logits are on different devices "
+                         f"({counts.device}, {nan_rows.device}, {logits.device})")
+    if not KERNEL_INTERPRETED and logits.device.type != "cuda":
+        raise ValueError(f"vote_triton: needs CUDA tensors (got {logits.device}) unless "
+                         "TRITON_INTERPRET=1")
+    row0, rows_per_image = int(row0), int(rows_per_image)
+    if rows_per_image < 1 or row0 < 0:
+        raise ValueError(f"vote_triton: bad row mapping (row0={row0}, "
+                         f"rows_per_image={rows_per_image})")
+    R, K = logits.shape
+    if R == 0:
+        return
+    if K < 1:
+        raise ValueError("vote_triton: logits have no classes")
+    if (row0 + R - 1) // rows_per_image >= counts.shape[0]:
+        raise ValueError("vote_triton: rows map past the last image of counts")
+    block_r, block_k, num_warps = vote_settings(R, K)
+    grid = (triton.cdiv(R, block_r),)
+    _vote_kernel[grid](counts, nan_rows, logits, R, K, logits.stride(0), logits.stride(1),
+                       row0, rows_per_image, BLOCK_R=block_r, BLOCK_K=block_k,
+                       IS_FP64=logits.dtype == torch.float64, num_warps=num_warps)

@@ -5,7 +5,8 @@
 
 TORCH_LIBRARY(dssn, m) {
   // Writes variants start .. start + out.size(1) - 1 of every image into `out`.
-  // out: float32 [B, count, d] contiguous; levels: uint8/int32 [B, d] (pixel = level/q);
+  // out: float32/float16/bfloat16 [B, count, d] contiguous (the value of that type nearest
+  // m/(4q)); levels: uint8/int32 [B, d] (pixel = level/q);
   // offsets: int32 [d] in 0..num_variants-1.
   m.def(
       "expand_(Tensor(a!) out, Tensor levels, Tensor offsets, int num_variants, int q, "

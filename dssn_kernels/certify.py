@@ -10,8 +10,8 @@ import torch
 from .backends import resolve_backend
 from .inputs import to_levels
 from .ops import expand_into
-from .pipeline import check_batch_size, run_votes, warn_if_training
-from .spec import _check_q, resolve_num_variants, split_offsets
+from .pipeline import ModelCall, check_batch_size, run_votes, warn_if_training
+from .spec import _check_q, check_value_dtype, resolve_num_variants, split_offsets
 
 
 @dataclass
@@ -69,7 +69,8 @@ def certificate_from_counts(counts, q):
 
 
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
-            backend="auto", num_classes=None, progress=False) -> Certificate:
+            backend="auto", num_classes=None, progress=False, dtype=torch.float32,
+            channels_last=False, autocast=None, cudnn_benchmark=None) -> Certificate:
     """Exact DSSN certificate of every image in x for the base classifier ``model``.
 
     model maps float32 [N, *x.shape[1:]] in [0, 1] to logits [N, K]. x is float on the
@@ -77,8 +78,15 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     the images are expanded chunk by chunk into one workspace of ``batch_size`` inputs
     (the model's forward batch; images share a forward when L is small), so peak memory
     does not depend on L.
+
+    Model-call options (mostly for GPUs): ``dtype`` of the model input (float16/bfloat16
+    for half models), ``channels_last``, ``autocast`` (torch.float16/bfloat16: run the
+    model under torch.autocast), ``cudnn_benchmark``. The certificate is exact for the
+    base classifier as evaluated, in whatever precision it was evaluated.
     """
+    call = ModelCall(dtype, channels_last, autocast, cudnn_benchmark)
     L = resolve_num_variants(sigma, lam, q, L)
+    check_value_dtype(q, dtype)
     batch_size = check_batch_size(batch_size)
     levels = to_levels(x, q)
     backend = resolve_backend(backend, levels.device)
@@ -91,17 +99,19 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
 
     counts = run_votes(model, fill, num_images=B, per_image=L, shape=tuple(x.shape[1:]),
                        batch_size=batch_size, backend=backend, device=levels.device,
-                       num_classes=num_classes, progress=progress)
+                       num_classes=num_classes, progress=progress, call=call)
     prediction, steps = certified_steps(counts)
     return Certificate(prediction=prediction, radius=steps.double() / q, steps=steps,
                        counts=counts, num_variants=L, q=q, backend=backend)
 
 
 def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=None,
-             backend="auto") -> torch.Tensor:
-    """Variants start..stop-1 of every image: float32 [B, stop-start, *x.shape[1:]].
-    Every backend returns the same bits (the float32 nearest to m/(4q))."""
+             backend="auto", dtype=torch.float32) -> torch.Tensor:
+    """Variants start..stop-1 of every image: [B, stop-start, *x.shape[1:]] of ``dtype``
+    (float32 by default; float16/bfloat16 allowed). Every backend returns the same bits:
+    the value of the dtype nearest to m/(4q)."""
     L = resolve_num_variants(sigma, lam, q, L)
+    check_value_dtype(q, dtype)
     stop = L if stop is None else stop
     for name, value in (("start", start), ("stop", stop)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -112,6 +122,6 @@ def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=No
     backend = resolve_backend(backend, levels.device)
     B, d = levels.shape
     offsets = split_offsets(d, L, seed).to(device=levels.device, dtype=torch.int32)
-    out = torch.empty((B, stop - start, d), dtype=torch.float32, device=levels.device)
+    out = torch.empty((B, stop - start, d), dtype=dtype, device=levels.device)
     expand_into(out, levels, offsets, L, q, start, backend)
     return out.view(B, stop - start, *x.shape[1:])

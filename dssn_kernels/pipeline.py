@@ -62,39 +62,75 @@ def windows(pos: int, end: int, per_image: int):
             pos += count
 
 
+class ModelCall:
+    """How the model is called on a workspace batch: the input dtype (float32, or
+    float16/bfloat16 for models converted to that type: the variants are then the nearest
+    values of that type), ``channels_last`` memory format for 4-D input, ``autocast`` to
+    run the model in reduced precision under torch.autocast, and cudnn.benchmark."""
+
+    def __init__(self, dtype=torch.float32, channels_last=False, autocast=None,
+                 cudnn_benchmark=None):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+        if autocast not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast must be None, torch.float16 or torch.bfloat16, got {autocast!r}")
+        self.dtype, self.channels_last = dtype, bool(channels_last)
+        self.autocast, self.cudnn_benchmark = autocast, cudnn_benchmark
+
+    def __call__(self, model, inputs):
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return model(inputs)
+        with torch.autocast(inputs.device.type, dtype=self.autocast):
+            return model(inputs)
+
+
 def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size: int,
-              backend: str, device, num_classes=None, progress=False,
-              desc="certify") -> torch.Tensor:
+              backend: str, device, num_classes=None, progress=False, desc="certify",
+              call: ModelCall | None = None) -> torch.Tensor:
     """Votes of ``model`` over num_images * per_image inputs -> int64 counts [B, K].
 
     ``fill(out, b, t)`` writes inputs t .. t+out.shape[1]-1 of images b .. b+out.shape[0]-1
-    into ``out`` (float32 [n, count, d], a view of the workspace).
+    into ``out`` ([n, count, d] of the call's dtype, a view of the workspace). Counts stay
+    on the device until the end: on a GPU there is no host sync per chunk.
     """
+    call = call or ModelCall()
     d = 1
     for s in shape:
         d *= s
     total = num_images * per_image
     rows_max = min(batch_size, total)
+    on_cpu = torch.device(device).type == "cpu"
     counts = None
-    with torch.inference_mode():
-        workspace = torch.empty((rows_max, d), dtype=torch.float32, device=device)
-        nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
-        for pos in tqdm(range(0, total, rows_max), desc=desc, unit="batch", disable=not progress):
-            end = min(pos + rows_max, total)
-            row = 0
-            for b, n, t, count in windows(pos, end, per_image):
-                fill(workspace[row:row + n * count].view(n, count, d), b, t)
-                row += n * count
-            logits = model(workspace[:end - pos].view(end - pos, *shape))
-            check_logits(logits, end - pos, num_classes)
-            if counts is None:
-                num_classes = logits.shape[1]
-                counts = torch.zeros((num_images, num_classes), dtype=torch.int64, device=device)
-            first = pos // per_image
-            vote_into(counts[first:], nan_rows, logits, pos - first * per_image, per_image, backend)
-            if torch.device(device).type == "cpu" and nan_rows.item():
-                raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s) "
-                                 f"of image(s) {first}..{(end - 1) // per_image}")
+    previous_benchmark = torch.backends.cudnn.benchmark
+    if call.cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = bool(call.cudnn_benchmark)
+    try:
+        with torch.inference_mode():
+            workspace = torch.empty((rows_max, d), dtype=call.dtype, device=device)
+            nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
+            for pos in tqdm(range(0, total, rows_max), desc=desc, unit="batch",
+                            disable=not progress):
+                end = min(pos + rows_max, total)
+                row = 0
+                for b, n, t, count in windows(pos, end, per_image):
+                    fill(workspace[row:row + n * count].view(n, count, d), b, t)
+                    row += n * count
+                logits = call(model, workspace[:end - pos].view(end - pos, *shape))
+                check_logits(logits, end - pos, num_classes)
+                if counts is None:
+                    num_classes = logits.shape[1]
+                    counts = torch.zeros((num_images, num_classes), dtype=torch.int64,
+                                         device=device)
+                first = pos // per_image
+                vote_into(counts[first:], nan_rows, logits, pos - first * per_image, per_image,
+                          backend)
+                if on_cpu and nan_rows.item():
+                    raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s) "
+                                     f"of image(s) {first}..{(end - 1) // per_image}")
+    finally:
+        torch.backends.cudnn.benchmark = previous_benchmark
     if nan_rows.item():  # devices: one sync at the end, not one per chunk
         raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s)")
     return counts

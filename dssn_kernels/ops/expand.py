@@ -19,11 +19,11 @@ def noise_numerator(k: torch.Tensor, j: torch.Tensor, L: int, q: int) -> torch.T
     return top.clamp(max=2 * q) + (top - 2 * L).clamp(min=0)
 
 
-def cached_value_table(q: int, device) -> torch.Tensor:
-    key = (q, str(device))
+def cached_value_table(q: int, device, dtype=torch.float32) -> torch.Tensor:
+    key = (q, str(device), dtype)
     table = _TABLES.get(key)
     if table is None:
-        table = _TABLES[key] = value_table(q).to(device)
+        table = _TABLES[key] = value_table(q, dtype).to(device)
     return table
 
 
@@ -33,15 +33,18 @@ def expand_torch(out: torch.Tensor, levels: torch.Tensor, offsets: torch.Tensor,
     t = torch.arange(start, start + count, device=levels.device)
     j = (offsets.long()[None, :] + t[:, None]) % L                   # [count, d]
     m = noise_numerator(levels.long()[:, None, :], j[None], L, q)    # [B, count, d]
-    torch.index_select(cached_value_table(q, levels.device), 0, m.reshape(-1),
+    torch.index_select(cached_value_table(q, levels.device, out.dtype), 0, m.reshape(-1),
                        out=out.view(-1))
 
 
 def expand_into(out: torch.Tensor, levels: torch.Tensor, offsets: torch.Tensor,
                 L: int, q: int, start: int, backend: str) -> None:
-    """out: contiguous float32 [B, count, d]; levels: [B, d] (uint8/int32);
+    """out: contiguous float32/float16/bfloat16 [B, count, d]; levels: [B, d] (uint8/int32);
     offsets: int32 [d]. Writes variants start..start+count-1 of each image."""
     if backend == "torch":
         expand_torch(out, levels, offsets, L, q, start)
-    else:
+    elif backend == "triton":
+        from ..triton import expand_triton
+        expand_triton(out, levels, offsets, L, q, start)
+    else:  # cpp, cuda: the native kernels, by the tensors' dispatch key
         torch.ops.dssn.expand_(out, levels, offsets, L, q, start)

@@ -25,5 +25,8 @@ def vote_into(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tensor
     (row0 + r) // rows_per_image; nan_rows: int64 [1]."""
     if backend == "torch":
         vote_torch(counts, nan_rows, logits, row0, rows_per_image)
-    else:
+    elif backend == "triton":
+        from ..triton import vote_triton
+        vote_triton(counts, nan_rows, logits, row0, rows_per_image)
+    else:  # cpp, cuda: the native kernels, by the tensors' dispatch key
         torch.ops.dssn.vote_(counts, nan_rows, logits, row0, rows_per_image)

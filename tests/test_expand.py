@@ -100,3 +100,17 @@ def test_uint8_int_and_float_inputs_agree(backend):
             for x in (k.to(torch.uint8), k.int(), k.float() / 255, k.double() / 255)]
     for o in outs[1:]:
         assert torch.equal(bits(o), bits(outs[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q,L", [(1, 1), (7, 3), (16, 55), (255, 132), (1000, 700)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_outputs_are_nearest_value_of_the_type(dtype, q, L, backend):
+    """float16/bfloat16 variants: the nearest value of the type to m/(4q) (ties to even),
+    bit for bit as the reference computes it exactly."""
+    x = torch.arange(q + 1, dtype=torch.int32).view(1, -1)[:, :300]
+    start = max(0, L - 40)
+    got = dk.variants(x, L=L, q=q, seed=1, start=start, backend=backend, dtype=dtype)
+    expected = ref.variants(x, L=L, q=q, seed=1, start=start, dtype=dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["num_variants", "split_offsets", "variants", "certify", "Certificate",
-           "noised_pixel"]
+           "noised_pixel", "nearest_in_format"]
 
 
 def num_variants(sigma=None, *, lam=None, q=255) -> int:
@@ -52,15 +52,32 @@ def noised_pixel(x: Fraction, s: Fraction, two_lam: Fraction) -> Fraction:
     return (upper + lower) / 2
 
 
+# significand bits (with the implicit one) of the formats a variant can be stored in
+_SIGNIFICAND_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
+def nearest_in_format(value: Fraction, significand_bits: int) -> Fraction:
+    """The number with ``significand_bits`` significant bits nearest to value in [0, 1]
+    (ties to even), computed exactly: the rounding of IEEE formats in their normal range
+    (a variant is 0 or at least 1/(4q), well inside it)."""
+    if value == 0:
+        return Fraction(0)
+    e = math.floor(math.log2(value))
+    while Fraction(2) ** e > value:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= value:
+        e += 1
+    ulp = Fraction(2) ** (e - significand_bits + 1)
+    return round(value / ulp) * ulp      # Fraction.__round__ rounds half to even
+
+
 @lru_cache(maxsize=None)
-def _noised_pixel_float32(k: int, v: int, t: int, L: int, q: int) -> np.float32:
+def _noised_pixel_in(k: int, v: int, t: int, L: int, q: int, dtype) -> float:
     two_lam = Fraction(L, q)                                  # 2λ', a multiple of 1/q
     s_base = Fraction(t, q) + Fraction(1, 2 * q)              # eq. 17, the t-th value
     s = (s_base + Fraction(v, q)) % two_lam                   # eq. 18
     exact = noised_pixel(Fraction(k, q), s, two_lam)
-    # float(Fraction) is correctly rounded to float64; m/(4q) is never close enough to a
-    # float32 rounding boundary for the second rounding to differ from a direct one.
-    return np.float32(float(exact))
+    return float(nearest_in_format(exact, _SIGNIFICAND_BITS[dtype]))  # exact in float64
 
 
 def _levels(x: torch.Tensor, q: int) -> np.ndarray:
@@ -82,20 +99,22 @@ def _resolve(sigma, lam, L, q):
 
 
 def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=None,
-             backend="auto") -> torch.Tensor:
-    """Variants t = start..stop-1 of every image: float32 [B, stop-start, *x.shape[1:]].
+             backend="auto", dtype=torch.float32) -> torch.Tensor:
+    """Variants t = start..stop-1 of every image: [B, stop-start, *x.shape[1:]] holding the
+    value of ``dtype`` (float32, float16, bfloat16) nearest to each noised pixel.
     ``backend`` is accepted for signature compatibility and ignored."""
     L = _resolve(sigma, lam, L, q)
     stop = L if stop is None else stop
     k = _levels(x, q)
     B, d = k.shape
     v = split_offsets(d, L, seed).numpy()
-    out = np.empty((B, stop - start, d), dtype=np.float32)
+    out = np.empty((B, stop - start, d), dtype=np.float64)
     for b in range(B):
         for t in range(start, stop):
             for i in range(d):
-                out[b, t - start, i] = _noised_pixel_float32(int(k[b, i]), int(v[i]), t, L, q)
-    return torch.from_numpy(out).view(B, stop - start, *x.shape[1:])
+                out[b, t - start, i] = _noised_pixel_in(int(k[b, i]), int(v[i]), t, L, q, dtype)
+    # each value is exactly representable in dtype, so this conversion is exact
+    return torch.from_numpy(out).to(dtype).view(B, stop - start, *x.shape[1:])
 
 
 class Certificate:

@@ -86,4 +86,27 @@ DSSN_HD float noise_value(int m, float four_q) {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// The margin rule of dssn::vote_margin_ (shared by the CPU and CUDA kernels; the torch and
+// Triton backends write the same operations). gap(a, z) for a >= z (no NaN) is 0 when
+// a == z (also for equal infinities) and otherwise the exact real a - z; margin_below
+// says whether gap(a, z) < tau, exactly: s = fl(a - z) and the TwoSum error term e give
+// a - z = s + e with no rounding, so gap < tau <=> s < tau or (s == tau and e < 0). An
+// infinite s (a = +inf, z = -inf, or overflow) is never below a finite tau. Additions
+// only, each rounded once: no contraction into an fma is possible. Exact for operands
+// below 2^1023 in magnitude (every float32/half logit converted to double).
+DSSN_HD bool margin_below(double a, double z, double tau) {
+  if (a == z) return 0.0 < tau;
+#if defined(__CUDA_ARCH__)
+  const double s = __dsub_rn(a, z);
+  const double v = __dsub_rn(s, a);
+  const double e = __dadd_rn(__dsub_rn(a, __dsub_rn(s, v)), __dsub_rn(-z, v));
+#else
+  const double s = a - z;
+  const double v = s - a;
+  const double e = (a - (s - v)) + (-z - v);
+#endif
+  return s < tau || (s == tau && e < 0.0);
+}
+
 }  // namespace dssn

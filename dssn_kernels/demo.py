@@ -1,8 +1,10 @@
-"""End-to-end demo on scikit-learn's bundled 8x8 digits (no download): train a small
-CNN under DSSN training noise for a few sigmas, certify every held-out image exactly,
-and print clean and certified accuracy of the smoothed classifier.
+"""End-to-end demo of the researcher's workflow on scikit-learn's bundled 8x8 digits (no
+download), through the same Python API as the ``dssn`` command: for a few sigmas, train
+a small CNN under DSSN training noise (``dssn train``), certify every held-out image
+exactly into a resumable result file (``dssn certify``), then tabulate certified
+accuracy (``dssn analyze``) and plot it (``dssn plot``).
 
-    python -m dssn_kernels.demo            # full run, about 20 seconds on 2 CPU cores
+    python -m dssn_kernels.demo            # full run, well under a minute on 2 CPU cores
     python -m dssn_kernels.demo --quick    # smoke test, a few seconds
 
 Digits pixels are integers 0..16, so q = 16 and L = int(2 * sigma * sqrt(3) * 16).
@@ -14,61 +16,26 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
 import dssn_kernels as dk
-from dssn_kernels.models import SmallCNN
+from dssn_kernels import analysis, workflow
+from dssn_kernels.backends import resolve_backend
+from dssn_kernels.data import digits_levels
 
 Q = 16
 NUM_CLASSES = 10
 DEFAULT_SIGMAS = (0.25, 0.5, 1.0)
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+DEFAULT_OUT = Path("runs") / "demo"
 
 
-def load_digits_levels(seed: int, test_fraction: float = 0.3):
+def load_digits_levels(seed: int = 0, test_fraction: float = 0.3):
     """(x_train, y_train, x_test, y_test): uint8 levels 0..16 shaped [N, 1, 8, 8] and
-    int64 labels, split stratified with ``seed``."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    levels = digits.images.astype(np.uint8)[:, None]  # exact: the values are integers 0..16
-    assert levels.max() <= Q and np.array_equal(levels[:, 0], digits.images)
-    xtr, xte, ytr, yte = train_test_split(levels, digits.target, test_size=test_fraction,
-                                          random_state=seed, stratify=digits.target)
-    return (torch.from_numpy(xtr), torch.from_numpy(ytr).long(),
-            torch.from_numpy(xte), torch.from_numpy(yte).long())
-
-
-def train_base(x, y, sigma, *, epochs, seed, batch_size=64, lr=2e-3):
-    """A SmallCNN trained on one random DSSN variant per sample per step."""
-    torch.manual_seed(seed)
-    model = SmallCNN(in_channels=1, num_classes=NUM_CLASSES, image_size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            noisy = dk.training_noise(x[idx], sigma=sigma, q=Q, seed=0, generator=g)
-            loss = loss_fn(model(noisy), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-def certified_accuracy(cert, y, radii):
-    correct = cert.prediction == y
-    return {float(r): float((correct & (cert.radius >= r)).double().mean()) for r in radii}
+    int64 labels, split stratified with ``seed`` (the data sets of ``dssn`` use seed 0)."""
+    return digits_levels(seed, test_fraction)
 
 
 def format_table(results, radii) -> str:
@@ -96,11 +63,14 @@ def parse_args(argv=None):
                    help="L1 radii ([0, 1] scale) to report certified accuracy at")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 3 epochs, two sigmas, the first 100 test images")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"folder for checkpoints, result files, table and plots (default {DEFAULT_OUT})")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the train/test split, weight init and training noise draws "
-                        "(the split offsets use seed 0, as at certification)")
+                   help="seed of weight init, shuffling and training noise draws (the split "
+                        "offsets use seed 0, at training and certification alike)")
     p.add_argument("--no-progress", action="store_true", help="hide the certify progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
     if args.sigmas is None:
         args.sigmas = [0.25, 0.5] if args.quick else list(DEFAULT_SIGMAS)
@@ -116,51 +86,77 @@ def parse_args(argv=None):
 def main(argv=None):
     """Runs the demo; returns one dict per sigma: sigma, L, max_radius, num_test,
     clean_accuracy, certified_accuracy {radius: accuracy}, train_seconds,
-    certify_seconds, seconds_per_image, backend."""
+    certify_seconds, seconds_per_image, backend, checkpoint, results (file paths)."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     import sklearn
 
     backends = dk.available_backends()
-    backend = "cpp" if "cpp" in backends else "torch"
+    backend = resolve_backend("auto", "cpu")
     print(f"dssn_kernels {dk.__version__}, torch {torch.__version__}, scikit-learn "
           f"{sklearn.__version__}, python {platform.python_version()}; "
           f"CPU backends {backends} (auto -> {backend}); {torch.get_num_threads()} threads")
+    xtr, _, xte, _ = load_digits_levels()
+    max_index = 100 if args.quick else None
+    num_test = min(len(xte), max_index or len(xte))
+    print(f"digits: {len(xtr)} train / {num_test} test images, 1x8x8, q={Q}; "
+          f"{args.epochs} epochs per sigma; files in {args.out}/\n")
 
-    xtr, ytr, xte, yte = load_digits_levels(args.seed)
-    if args.quick:
-        xte, yte = xte[:100], yte[:100]
-    print(f"digits: {len(xtr)} train / {len(xte)} test images, 1x8x8, q={Q}; "
-          f"{args.epochs} epochs per sigma\n")
-
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    results = []
+    results, files = [], []
     for sigma in args.sigmas:
         L = dk.num_variants(sigma, q=Q)
+        ckpt = out / f"digits-sigma{sigma:g}.pt"
+        tsv = out / f"digits-sigma{sigma:g}.tsv"
+        trained = workflow.train(ckpt, dataset="digits", sigma=sigma, epochs=args.epochs,
+                                 train_seed=args.seed, device="cpu")
         t0 = time.perf_counter()
-        model = train_base(xtr, ytr, sigma, epochs=args.epochs, seed=args.seed)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cert = dk.certify(model, xte, sigma=sigma, q=Q, seed=0, num_classes=NUM_CLASSES,
-                          progress=not args.no_progress)
+        workflow.certify_dataset(ckpt, tsv, max_index=max_index, device="cpu", overwrite=True,
+                                 progress=not args.no_progress)
         cert_s = time.perf_counter() - t0
-        assert cert.num_variants == L and bool((cert.counts.sum(1) == L).all())
+        res_file = analysis.load_result(tsv)
+        assert len(res_file) == num_test and res_file.L == L
         res = {
-            "sigma": float(sigma), "L": L, "max_radius": (L // 2) / Q, "num_test": len(xte),
-            "clean_accuracy": float((cert.prediction == yte).double().mean()),
-            "certified_accuracy": certified_accuracy(cert, yte, args.radii),
-            "train_seconds": train_s, "certify_seconds": cert_s,
-            "seconds_per_image": cert_s / len(xte), "backend": backend,
+            "sigma": float(sigma), "L": L, "max_radius": (L // 2) / Q, "num_test": len(res_file),
+            "clean_accuracy": res_file.clean_accuracy(),
+            "certified_accuracy": {float(r): res_file.certified_accuracy(r) for r in args.radii},
+            "train_seconds": trained["seconds"], "certify_seconds": cert_s,
+            "seconds_per_image": cert_s / len(res_file), "backend": backend,
+            "checkpoint": str(ckpt), "results": str(tsv),
         }
         results.append(res)
-        print(f"sigma={sigma:g}: L={L}, trained in {train_s:.1f}s, certified {len(xte)} "
-              f"images ({len(xte) * L} forward passes) in {cert_s:.2f}s", flush=True)
+        files.append(res_file)
+        print(f"sigma={sigma:g}: L={L}, trained in {trained['seconds']:.1f}s -> {ckpt}; "
+              f"certified {len(res_file)} images ({len(res_file) * L} forward passes) in "
+              f"{cert_s:.2f}s -> {tsv}", flush=True)
 
     print("\nExact DSSN certificates on held-out digits (certified accuracy = correct "
           "and L1 radius >= R, [0,1] scale;\nmax R = floor(L/2)/q is the largest radius "
           "any image can get):\n")
     print(format_table(results, args.radii))
+
+    radii = [r for r in args.radii if r > 0] or None
+    report = analysis.analyze([f.path for f in files], radii)
+    table_md = out / "table.md"
+    table_md.write_text(report, encoding="utf-8")
+    print("\n" + analysis.best_table(files, radii))
+
+    written = [str(table_md)]
+    if not args.no_plots:
+        try:
+            curves = analysis.plot_curves(files, out / "curves.png",
+                                          title="Exact DSSN certificates, digits (q = 16)")
+            noise = analysis.plot_noise(xte[:4], Q, 3.5, out / "noise.png")
+            written += [str(curves), str(noise)]
+        except analysis.ResultsError as exc:  # matplotlib missing
+            print(f"\n(no plots: {exc})")
+    print(f"\nfiles: checkpoints and result TSVs {', '.join(r['results'] for r in results)} "
+          f"(+ .pt);\n       {', '.join(written)}")
+    print("the same with the command line: dssn train / certify / analyze / plot "
+          "(see README, 'The dssn command')")
     print(f"\ntotal {time.perf_counter() - t_all:.1f}s")
     return results
 

@@ -20,9 +20,23 @@ def test_small_cnn_output_shapes():
         assert torch.allclose(model(x[:1]), out[:1], atol=1e-5)
 
 
-def test_demo_quick_results():
-    results = main(["--quick", "--no-progress"])
+def test_demo_quick_results(tmp_path, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    results = main(["--quick", "--no-progress", "--out", str(tmp_path)])
     assert isinstance(results, list) and len(results) >= 2
+    # the workflow's files: checkpoints, result TSVs, the markdown table, the plots
+    for res in results:
+        assert (tmp_path / f"digits-sigma{res['sigma']:g}.pt").is_file()
+        assert (tmp_path / f"digits-sigma{res['sigma']:g}.tsv").is_file()
+    table = (tmp_path / "table.md").read_text()
+    assert "| DSSN |" in table and "@ σ=" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (tmp_path / "curves.png").is_file() and (tmp_path / "noise.png").is_file()
     for res in results:
         assert res["L"] == dk.num_variants(res["sigma"], q=16)
         assert res["max_radius"] == (res["L"] // 2) / 16

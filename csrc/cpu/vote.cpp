@@ -1,13 +1,17 @@
-// CPU kernel of dssn::vote_: fused argmax-and-vote. Each logits row is reduced to its
-// argmax (first index wins ties, as torch.argmax) and added into int64 counts; logits
-// are never copied or kept.
+// CPU kernels of dssn::vote_ and dssn::vote_margin_: fused argmax-and-vote. Each logits
+// row is reduced to its argmax (first index wins ties, as torch.argmax) and added into
+// int64 counts; logits are never copied or kept. vote_margin_ also finds the runner-up
+// and applies the margin rule of csrc/dssn_noise.h (dssn::margin_below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
+
+#include "../dssn_noise.h"
 
 namespace {
 
@@ -77,6 +81,101 @@ void vote_cpu(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
   nan_rows.add_(nans);
 }
 
+// Logits read exactly as double (half and bfloat16 through float, exactly).
+template <typename scalar_t>
+inline double as_double(scalar_t v) {
+  return double(float(v));
+}
+template <>
+inline double as_double<double>(double v) {
+  return v;
+}
+
+// Top value, its first index and the runner-up value (the maximum of the other columns,
+// equal to top on a tie) of row[0..K), K >= 2; arg = -1 if the row holds a NaN.
+struct TopTwo {
+  int64_t arg;
+  double top;
+  double runner;
+};
+
+template <typename scalar_t>
+TopTwo row_top_two(const scalar_t* row, int64_t K) {
+  TopTwo t{0, as_double(row[0]), -std::numeric_limits<double>::infinity()};
+  if (std::isnan(t.top)) return {-1, 0.0, 0.0};
+  for (int64_t c = 1; c < K; ++c) {
+    const double v = as_double(row[c]);
+    if (std::isnan(v)) return {-1, 0.0, 0.0};
+    if (v > t.top) {
+      t.runner = t.top;
+      t.top = v;
+      t.arg = c;
+    } else if (v > t.runner) {
+      t.runner = v;
+    }
+  }
+  return t;
+}
+
+void vote_margin_cpu(at::Tensor counts, at::Tensor ambiguous, at::Tensor nan_rows,
+                     const at::Tensor& logits, int64_t row0, int64_t rows_per_image,
+                     double margin) {
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 2,
+              "dssn::vote_margin_: counts must be a contiguous int64 [B, K] tensor");
+  TORCH_CHECK(ambiguous.scalar_type() == at::kLong && ambiguous.is_contiguous() &&
+                  ambiguous.sizes() == counts.sizes(),
+              "dssn::vote_margin_: ambiguous must be a contiguous int64 tensor shaped like "
+              "counts ", counts.sizes(), ", got ", ambiguous.sizes());
+  TORCH_CHECK(nan_rows.scalar_type() == at::kLong && nan_rows.numel() == 1,
+              "dssn::vote_margin_: nan_rows must be an int64 tensor with one element");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == counts.size(1),
+              "dssn::vote_margin_: logits ", logits.sizes(), " do not match counts ",
+              counts.sizes());
+  TORCH_CHECK(rows_per_image >= 1 && row0 >= 0, "dssn::vote_margin_: bad row mapping");
+  TORCH_CHECK(margin >= 0.0 && std::isfinite(margin),
+              "dssn::vote_margin_: margin must be finite and >= 0, got ", margin);
+  const int64_t R = logits.size(0), K = logits.size(1);
+  if (R == 0) return;
+  TORCH_CHECK(K >= 2, "dssn::vote_margin_: logits need at least 2 classes");
+  TORCH_CHECK((row0 + R - 1) / rows_per_image < counts.size(0),
+              "dssn::vote_margin_: rows map past the last image of counts");
+  const at::Tensor x = logits.contiguous();
+  // winner[r]: the class row r votes for, -1 for a NaN row, -2 for an ambiguous row
+  std::vector<int64_t> winner(R);
+  std::vector<double> top(R);
+  int64_t* c = counts.data_ptr<int64_t>();
+  int64_t* a = ambiguous.data_ptr<int64_t>();
+  int64_t nans = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "dssn::vote_margin_", [&] {
+    const scalar_t* data = x.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const TopTwo t = row_top_two(data + r * K, K);
+        top[r] = t.top;
+        winner[r] = (t.arg >= 0 && dssn::margin_below(t.top, t.runner, margin)) ? -2 : t.arg;
+      }
+    });
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t image = (row0 + r) / rows_per_image;
+      if (winner[r] == -1) {
+        ++nans;
+      } else if (winner[r] == -2) {
+        const scalar_t* row = data + r * K;
+        for (int64_t k = 0; k < K; ++k) {
+          if (dssn::margin_below(top[r], as_double(row[k]), margin)) a[image * K + k] += 1;
+        }
+      } else {
+        c[image * K + winner[r]] += 1;
+      }
+    }
+  });
+  nan_rows.add_(nans);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dssn, CPU, m) { m.impl("vote_", &vote_cpu); }
+TORCH_LIBRARY_IMPL(dssn, CPU, m) {
+  m.impl("vote_", &vote_cpu);
+  m.impl("vote_margin_", &vote_margin_cpu);
+}

@@ -2,6 +2,8 @@
 
     expand_triton(out, levels, offsets, L, q, start)      # = torch.ops.dssn.expand_
     vote_triton(counts, nan_rows, logits, row0, rows_per_image)   # = torch.ops.dssn.vote_
+    vote_margin_triton(counts, ambiguous, nan_rows, logits, row0, rows_per_image, margin)
+                                                          # = torch.ops.dssn.vote_margin_
 
 They run on NVIDIA GPUs of compute capability >= 8.0 (Triton dropped Turing after 3.2),
 or, with ``TRITON_INTERPRET=1`` set before this package's kernels are first imported, on
@@ -15,9 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["expand_triton", "vote_triton", "triton_available", "interpreting"]
+__all__ = ["expand_triton", "vote_triton", "vote_margin_triton", "triton_available",
+           "interpreting"]
 
-_KERNEL_MODULES = ("dssn_kernels.triton.expand", "dssn_kernels.triton.vote")
+_KERNEL_MODULES = ("dssn_kernels.triton.expand", "dssn_kernels.triton.vote",
+                   "dssn_kernels.triton.vote_margin")
 
 
 def interpreting() -> bool:
@@ -77,4 +81,7 @@ def __getattr__(name):
     if name == "vote_triton":
         from .vote import vote_triton
         return vote_triton
+    if name == "vote_margin_triton":
+        from .vote_margin import vote_margin_triton
+        return vote_margin_triton
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,270 @@
+"""dssn: train, certify, analyze and plot exact DSSN certificates; run the benchmarks.
+
+    dssn train --dataset digits --sigma 0.5 --out runs/digits-0.5.pt
+    dssn certify runs/digits-0.5.pt --out runs/digits-0.5.tsv
+    dssn analyze runs/digits-*.tsv
+    dssn plot curves runs/digits-*.tsv --out runs/curves.png
+    dssn plot noise --dataset digits --sigma 3.5 --out runs/noise.png
+    dssn bench --quick
+    torchrun --nproc_per_node=4 -m dssn_kernels certify model.pt --out results.tsv --max-index 500
+
+User errors (a missing file, a result file of another run, a spec that disagrees with
+the checkpoint, ...) exit with status 2 and a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROG = "dssn"
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _positive_int(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _add_spec_args(p, what):
+    g = p.add_argument_group("smoothing spec" + what)
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--sigma", type=float, help="noise level sigma (lambda = sigma * sqrt(3))")
+    x.add_argument("--lam", type=float, help="splitting half-period lambda instead of sigma")
+    g.add_argument("--q", type=int, help="quantization: pixels are k/q (digits 16, images 255)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the split offsets numpy.random.RandomState(seed).randint(L, size=d)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS, SPLITS
+    from .checkpoint import ARCHS
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="`dssn COMMAND --help` describes each command.")
+    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads(N)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="train a base classifier under DSSN training noise",
+                       description="Trains a base classifier on one random split-noise variant "
+                       "per sample and step (the same offsets as certification) and saves a "
+                       "checkpoint holding the weights and the smoothing spec.")
+    t.add_argument("--out", required=True, help="checkpoint file to write (e.g. model.pt)")
+    t.add_argument("--dataset", choices=DATASETS, default="digits")
+    t.add_argument("--data-root", help="local folder of cifar10 / imagenet (nothing is downloaded)")
+    t.add_argument("--arch", choices=sorted(ARCHS),
+                   help="model (default: small_cnn for digits, wrn40_2 for cifar10, resnet50 for imagenet)")
+    _add_spec_args(t, " (q defaults to the data set's)")
+    t.add_argument("--epochs", type=_positive_int, help="default: digits 60, cifar10 120, imagenet 30")
+    t.add_argument("--batch-size", type=_positive_int, help="default 64")
+    t.add_argument("--lr", type=float, help="default: adam 2e-3 (digits), sgd 0.1")
+    t.add_argument("--optimizer", choices=("adam", "sgd"),
+                   help="default: adam + one-cycle for digits; SGD (momentum 0.9, nesterov, wd 1e-4) "
+                        "+ cosine annealing otherwise, as in the paper")
+    aug = t.add_mutually_exclusive_group()
+    aug.add_argument("--augment", dest="augment", action="store_true", default=None,
+                     help="random flips (and crops on cifar10); default on for cifar10/imagenet")
+    aug.add_argument("--no-augment", dest="augment", action="store_false")
+    t.add_argument("--train-seed", type=int, default=0,
+                   help="seed of weight init, shuffling and noise draws (default 0)")
+    t.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
+    t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    t.add_argument("--workers", type=int, default=0, help="data loader processes (imagenet)")
+    t.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("certify", help="certify a data split with a checkpoint (resumable, shardable)",
+                       description="Certifies every image of a data split exactly and writes a TSV "
+                       "(idx label predict radius correct time counts). Rerunning the same command "
+                       "resumes; a file of another checkpoint, spec or split is refused. Under "
+                       "torchrun the images are split over the ranks and rank 0 merges the rows.")
+    c.add_argument("checkpoint", help="checkpoint written by `dssn train`")
+    c.add_argument("--out", required=True, help="result TSV (appended to / resumed)")
+    c.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
+    c.add_argument("--data-root", help="local folder of cifar10 / imagenet")
+    c.add_argument("--split", choices=SPLITS, default="test")
+    c.add_argument("--skip", type=_positive_int, default=1,
+                   help="certify every SKIP-th image (Cohen et al.'s --skip)")
+    c.add_argument("--max", "--max-index", type=int, default=-1, dest="max_index",
+                   help="stop before image index MAX (Cohen et al.'s --max; -1: all). Under "
+                        "torchrun spell it --max-index: torchrun's own parser rejects --max as "
+                        "an ambiguous abbreviation of its --max-restarts")
+    _add_spec_args(c, " (optional: must agree with the checkpoint's)")
+    c.add_argument("--batch-size", type=_positive_int, help="model forward batch (default 256)")
+    c.add_argument("--images-per-batch", type=_positive_int,
+                   help="images certified (and written) per step (default: what fills a forward batch)")
+    c.add_argument("--backend", default="auto", help="auto, cpp, torch, ...")
+    c.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    c.add_argument("--dist-backend", choices=("gloo", "nccl"),
+                   help="torch.distributed backend under torchrun (default: nccl on GPU, gloo on CPU)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="discard an existing result file instead of resuming it")
+    c.add_argument("--no-progress", action="store_true")
+
+    a = sub.add_parser("analyze", help="certified accuracy tables (markdown) from result files",
+                       description="Certified accuracy at chosen radii per file, and the best "
+                       "over sigma in the layout of the paper's Table 1. A file given as "
+                       "LABEL=PATH is grouped under LABEL (one table row per label).")
+    a.add_argument("files", nargs="+", metavar="[LABEL=]FILE")
+    a.add_argument("--radii", type=float, nargs="+",
+                   help="L1 radii, [0, 1] scale (default: 0.5 .. 4.0 for q=255, else 8 up to the max)")
+    a.add_argument("--decimals", type=int, default=1, help="decimals of the percentages")
+    a.add_argument("--out", help="also write the markdown to this file")
+
+    pl = sub.add_parser("plot", help="plots (PNG): accuracy-radius curves, noise pictures")
+    psub = pl.add_subparsers(dest="plot", metavar="KIND", required=True)
+    pc = psub.add_parser("curves", help="certified accuracy against radius, one line per file")
+    pc.add_argument("files", nargs="+", metavar="[LABEL=]FILE")
+    pc.add_argument("--out", required=True, help="PNG file")
+    pc.add_argument("--title")
+    pn = psub.add_parser("noise", help="images under DSSN noise next to uniform additive noise "
+                                       "(the paper's Figure 3)")
+    pn.add_argument("--out", required=True, help="PNG file")
+    pn.add_argument("--dataset", choices=DATASETS, default="digits")
+    pn.add_argument("--data-root")
+    pn.add_argument("--split", choices=SPLITS, default="test")
+    pn.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
+    pn.add_argument("--sigma", type=float, default=3.5, help="default 3.5, as in Figure 3")
+    pn.add_argument("--seed", type=int, default=0, help="split-offset seed")
+    pn.add_argument("--noise-seed", type=int, default=0, help="seed of the variant / noise draws")
+
+    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/overhead.py)",
+                       description="Runs benchmarks/overhead.py with this python; other "
+                       "arguments are passed through.")
+    b.add_argument("--quick", action="store_true", help="a short smoke run")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_train(args) -> int:
+    from . import workflow
+
+    res = workflow.train(args.out, dataset=args.dataset, arch=args.arch, sigma=args.sigma,
+                         lam=args.lam, q=args.q, seed=0 if args.seed is None else args.seed,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         optimizer=args.optimizer, augment=args.augment,
+                         train_seed=args.train_seed, max_train=args.max_train,
+                         data_root=args.data_root, device=args.device, workers=args.workers,
+                         progress=not args.no_progress)
+    print(f"trained {res['arch']} on {res['num_train']} {args.dataset} images, "
+          f"{res['spec'].describe()}, in {res['seconds']:.1f}s (last epoch: loss "
+          f"{res['final_loss']:.3f}, accuracy under noise {100 * res['final_noisy_accuracy']:.1f}%)")
+    print(f"checkpoint: {res['path']}")
+    return 0
+
+
+def cmd_certify(args) -> int:
+    from . import workflow
+
+    res = workflow.certify_dataset(
+        args.checkpoint, args.out, dataset=args.dataset, split=args.split,
+        data_root=args.data_root, skip=args.skip, max_index=args.max_index, sigma=args.sigma,
+        lam=args.lam, q=args.q, seed=args.seed, batch_size=args.batch_size,
+        images_per_batch=args.images_per_batch, backend=args.backend, device=args.device,
+        overwrite=args.overwrite, progress=not args.no_progress, dist_backend=args.dist_backend)
+    if res["rank"] == 0:
+        ranks = f" over {res['world_size']} ranks" if res["world_size"] > 1 else ""
+        print(f"certified {res['certified_here']} images{ranks} in {res['seconds']:.1f}s "
+              f"(rank 0); {res['rows']} rows in {res['out']}, clean accuracy "
+              f"{100 * res['clean_accuracy']:.1f}%")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze
+
+    text = analyze(args.files, args.radii, args.decimals)
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"\nwritten to {args.out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import analysis
+
+    if args.plot == "curves":
+        results = []
+        for arg in args.files:
+            label, path = analysis.parse_result_arg(arg)
+            results.append(analysis.load_result(path, label))
+        out = analysis.plot_curves(results, args.out, title=args.title)
+    else:
+        from .data import load_dataset
+
+        ds = load_dataset(args.dataset, args.split, args.data_root)
+        bad = [i for i in args.indices if not 0 <= i < len(ds)]
+        if bad:
+            raise UsageError(f"--indices {bad} out of range: {args.dataset} {args.split} has "
+                             f"{len(ds)} images")
+        x, _ = ds.get(args.indices)
+        try:
+            out = analysis.plot_noise(x, ds.q, args.sigma, args.out, seed=args.seed,
+                                      noise_seed=args.noise_seed)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, analysis.ResultsError):
+                raise
+            raise UsageError(str(exc)) from None
+    print(f"plot: {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
+    if not script.is_file():
+        raise UsageError(f"the benchmark suite is not here ({script} is missing): `dssn bench` "
+                         "runs from a source checkout")
+    rest = list(args.rest)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + rest
+    return subprocess.call(cmd)
+
+
+COMMANDS = {"train": cmd_train, "certify": cmd_certify, "analyze": cmd_analyze,
+            "plot": cmd_plot, "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .workflow import USER_ERRORS
+
+    def fail(msg: str, code: int = 2) -> int:
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        where = f"[rank {rank}] " if rank else ""
+        sys.stderr.write(f"{where}{PROG} {args.command}: error: {msg}\n")  # one write: no interleaving
+        sys.stderr.flush()
+        return code
+
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return COMMANDS[args.command](args)
+    except (UsageError, *USER_ERRORS) as exc:
+        return fail(str(exc))
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        return fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+    except KeyboardInterrupt:
+        hint = "; rerun the same command to resume" if args.command == "certify" else ""
+        return fail(f"interrupted{hint}", 130)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,130 @@
+"""Exact decision rules on partial vote counts, for early exit (certify_at, predict).
+
+After some of the L variants of an image have voted, with ``N`` the (unambiguous) counts
+so far, ``amb`` the ambiguous counts so far (margin mode, else zero) and ``m`` the number
+of variants left, every final count is bounded: each variant left either votes for one
+class or (margin mode) is ambiguous, so finally ``N_c <= N'_c <= N_c + m`` and
+``N'_c + amb'_c <= N_c + amb_c + m``. The rules below are *exact*: each says "yes" iff
+the statement holds for every possible outcome of the remaining variants, so stopping on
+them never changes an answer, whatever the order the variants are evaluated in.
+
+The full certificate (DESIGN.md, "Certificate"; margin: README, "What exact means under
+floating point"): ``A = argmax N`` (lowest index on ties) and, for ``r`` in steps,
+
+    certified at r  <=>  for every c != A:  N_A - (N_c + amb_c) - [c < A] >= 2r.
+
+(With amb = 0 this is ``floor((N_A - N_B - [B < A]) / 2) >= r``, the design's formula.)
+The condition for a class A implies that A is the argmax of N, so at most one class can
+satisfy it; ``best_rival[A] = max over c != A of (N_c + amb_c + [c < A])`` is all the
+rules need.
+
+* ``certified_settled``: A (the current leader) stays certified whatever the rest does:
+  its worst case against each rival c is every remaining variant going to c,
+  ``N_A - best_rival[A] - m >= 2r``.
+* ``uncertifiable``: no outcome certifies any class: the best case for each A is every
+  remaining variant voting for A, ``N_A + m - best_rival[A] < 2r`` for every A.
+* ``prediction_settled``: the leader of the unambiguous counts cannot be overtaken:
+  ``N_A - m >= N_c + [c < A]`` for every c != A (ambiguous variants vote for no class).
+
+With m = 0 the first two are complementary and equal the full certificate.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from numbers import Rational
+
+import numpy as np
+import torch
+
+__all__ = ["required_steps", "leader", "best_rival", "prediction_settled",
+           "certified_settled", "uncertifiable", "certify_status"]
+
+
+def required_steps(radius, q: int) -> int:
+    """The fewest certified quantization steps that make ``radius`` certified.
+
+    ``radius`` is an L1 radius on the [0, 1] scale, >= 0. An int or ``Fraction`` is
+    converted exactly: ``ceil(Fraction(radius) * q)``. A float is compared the way the
+    full certificate's float64 ``radius = steps / q`` is (``cert.radius >= radius``): the
+    smallest ``s`` with ``float64(s) / q >= radius``. The two differ only when the float
+    is within rounding of a multiple of 1/q (0.2 at q = 5: the float 0.2 is slightly above
+    1/5, yet 1/5 as a float64 equals it).
+    """
+    if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (Rational, float, np.floating)):
+        raise TypeError(f"radius must be a real number (int, float or Fraction), "
+                        f"got {type(radius).__name__}")
+    if isinstance(radius, Rational):
+        exact = Fraction(int(radius.numerator), int(radius.denominator))
+    else:
+        if not math.isfinite(float(radius)):
+            raise ValueError(f"radius must be finite, got {radius}")
+        exact = Fraction(float(radius))
+    if exact < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    steps = math.ceil(exact * q)
+    if not isinstance(radius, Rational):   # match float64 steps / q >= radius
+        while steps > 0 and float(steps - 1) / float(q) >= float(radius):
+            steps -= 1
+    return int(steps)
+
+
+def leader(counts: torch.Tensor) -> torch.Tensor:
+    """argmax of each row, the lowest index on ties (as torch.argmax)."""
+    return counts.argmax(dim=1)
+
+
+def best_rival(counts: torch.Tensor, ambiguous: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K]: entry (b, A) = max over c != A of (N_c + amb_c + [c < A]) (int64)."""
+    key = counts.long() if ambiguous is None else counts.long() + ambiguous.long()
+    B, K = key.shape
+    low = torch.iinfo(torch.int64).min // 4
+    pad = torch.full((B, 1), low, dtype=torch.int64, device=key.device)
+    # prefix max over c < A (each + 1), suffix max over c > A
+    before = torch.cat([pad, key[:, :-1].cummax(dim=1).values + 1], dim=1)
+    after = torch.cat([key.flip(1)[:, :-1].cummax(dim=1).values.flip(1), pad], dim=1)
+    return torch.maximum(before, after)
+
+
+def _remaining(remaining, counts) -> torch.Tensor:
+    m = torch.as_tensor(remaining, dtype=torch.int64, device=counts.device)
+    return m.expand(counts.shape[0]) if m.dim() == 0 else m
+
+
+def prediction_settled(counts: torch.Tensor, remaining) -> torch.Tensor:
+    """Bool [B]: no outcome of the ``remaining`` variants can change argmax(counts)."""
+    counts = counts.long()
+    m = _remaining(remaining, counts)
+    A = leader(counts)
+    rival = best_rival(counts).gather(1, A[:, None])[:, 0]
+    return counts.gather(1, A[:, None])[:, 0] - m >= rival
+
+
+def certified_settled(counts: torch.Tensor, remaining, steps,
+                      ambiguous: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B]: every outcome certifies the current leader at ``steps`` (so the final
+    prediction is the current leader and it is certified)."""
+    counts = counts.long()
+    m = _remaining(remaining, counts)
+    A = leader(counts)
+    rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
+    return counts.gather(1, A[:, None])[:, 0] - m - rival >= 2 * steps
+
+
+def uncertifiable(counts: torch.Tensor, remaining, steps,
+                  ambiguous: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B]: no outcome of the remaining variants certifies any class at ``steps``."""
+    counts = counts.long()
+    m = _remaining(remaining, counts)
+    possible = counts + m[:, None] - best_rival(counts, ambiguous) >= 2 * steps
+    return ~possible.any(dim=1)
+
+
+def certify_status(counts: torch.Tensor, remaining, steps,
+                   ambiguous: torch.Tensor | None = None):
+    """(done, certified): done = the decision "certified at ``steps``" is the same for
+    every outcome of the remaining variants (and, where certified, so is the
+    prediction); certified = that decision where done (False where not done)."""
+    yes = certified_settled(counts, remaining, steps, ambiguous)
+    no = uncertifiable(counts, remaining, steps, ambiguous)
+    return yes | no, yes

@@ -1,0 +1,322 @@
+"""Certification result files: Cohen et al.'s TSV columns plus the vote counts, under a
+header that names the run, written a batch at a time so a crash loses at most the batch
+in flight, and resumable.
+
+Layout::
+
+    # dssn-results/1 {"checkpoint_sha256": "...", "dataset": {...}, "spec": {...}}
+    idx	label	predict	radius	correct	time	counts
+    0	3	3	0.8125	1	0.000412	0,0,0,27,0,0,0,0,0,0
+
+``radius`` is the certified L1 radius on the [0, 1] scale, steps/q, written as the
+shortest decimal that reads back to the same float64; ``time`` the seconds spent per
+image (the batch's wall time divided by its images); ``counts`` the L votes per class.
+
+Rules, checked whenever a file is read: the first line is the header and must match the
+run (else the file belongs to another checkpoint, spec or data split: refused, nothing
+touched); every row parses, its counts sum to L over num_classes classes, and its
+prediction, radius and correct flag are those the counts and label give (else refused
+as corrupt, naming the line); no index appears twice. A last line without its newline is
+a write torn by a crash: on resume it is dropped (the file is truncated to its last
+complete line, with a warning) and that image is certified again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "dssn-results/1"
+COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "counts")
+COLUMN_LINE = "\t".join(COLUMNS)
+HEADER_PREFIX = f"# {FORMAT} "
+
+
+class ResultsError(ValueError):
+    """A result file is corrupt or belongs to a different run."""
+
+
+@dataclass(frozen=True)
+class Row:
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    correct: int
+    time: float
+    counts: tuple
+
+    def line(self) -> str:
+        return format_row(self.idx, self.label, self.predict, self.radius, self.time, self.counts)
+
+    def key(self) -> tuple:
+        """Everything but the time: equal keys mean the same certificate."""
+        return (self.idx, self.label, self.predict, self.radius, self.correct, self.counts)
+
+
+def format_row(idx: int, label: int, predict: int, radius: float, seconds: float, counts) -> str:
+    correct = int(int(predict) == int(label))
+    return (f"{int(idx)}\t{int(label)}\t{int(predict)}\t{float(radius)!r}\t{correct}\t"
+            f"{float(seconds):.6f}\t{','.join(str(int(c)) for c in counts)}\n")
+
+
+def header_line(meta: dict) -> str:
+    return HEADER_PREFIX + json.dumps(meta, sort_keys=True, separators=(", ", ": ")) + "\n"
+
+
+def expected_certificate(counts, q: int) -> tuple[int, float]:
+    """(prediction, radius) from one row of votes: DESIGN.md's certificate, in integers."""
+    top = max(range(len(counts)), key=lambda c: (counts[c], -c))
+    runner = max((c for c in range(len(counts)) if c != top), key=lambda c: (counts[c], -c))
+    steps = (counts[top] - counts[runner] - (1 if runner < top else 0)) // 2
+    return top, steps / q
+
+
+def parse_row(line: str, where: str) -> Row:
+    parts = line.rstrip("\n").split("\t")
+    if len(parts) != len(COLUMNS):
+        raise ResultsError(f"{where}: expected {len(COLUMNS)} tab-separated columns "
+                           f"({' '.join(COLUMNS)}), got {len(parts)}: {line.rstrip()[:80]!r}")
+    try:
+        idx, label, predict, correct = (int(parts[i]) for i in (0, 1, 2, 4))
+        radius, seconds = float(parts[3]), float(parts[5])
+        counts = tuple(int(c) for c in parts[6].split(","))
+    except ValueError:
+        raise ResultsError(f"{where}: unreadable row {line.rstrip()[:80]!r}") from None
+    return Row(idx, label, predict, radius, correct, seconds, counts)
+
+
+def check_row(row: Row, spec: dict, where: str) -> None:
+    L, q, k = spec.get("L"), spec.get("q"), spec.get("num_classes")
+    if row.idx < 0 or row.label < 0 or any(c < 0 for c in row.counts):
+        raise ResultsError(f"{where}: negative index, label or count")
+    if k is not None and len(row.counts) != k:
+        raise ResultsError(f"{where}: {len(row.counts)} vote counts, expected {k} classes")
+    if L is not None and sum(row.counts) != L:
+        raise ResultsError(f"{where}: the votes sum to {sum(row.counts)}, expected L={L}")
+    if q is not None and len(row.counts) >= 2:
+        pred, radius = expected_certificate(row.counts, q)
+        if (row.predict, row.radius) != (pred, radius):
+            raise ResultsError(f"{where}: predict={row.predict} radius={row.radius!r} do not "
+                               f"follow from the counts (predict={pred} radius={radius!r})")
+    if row.correct != int(row.predict == row.label):
+        raise ResultsError(f"{where}: correct={row.correct} but predict={row.predict}, "
+                           f"label={row.label}")
+
+
+@dataclass
+class ResultsFile:
+    path: Path
+    meta: dict
+    rows: list = field(default_factory=list)
+    lines: list = field(default_factory=list)      # the raw row lines, newline included
+    valid_bytes: int = 0                           # length up to the last complete line
+    torn: str | None = None                        # a torn last line, if any
+
+    def by_index(self) -> dict:
+        return {r.idx: r for r in self.rows}
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if a != b:
+        def short(v):
+            s = json.dumps(v)
+            return s[:13] + '..."' if len(s) > 24 and s.startswith('"') else s
+        return [f"{prefix.rstrip('.')} {short(a)} (file) vs {short(b)} (this run)"]
+    return []
+
+
+def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = False) -> ResultsFile:
+    """Reads and checks a result file (see the module doc for the rules). With
+    ``expect_meta`` the header must equal it. A torn last line is an error unless
+    ``allow_torn``, when it is reported in ``.torn`` and left out of the rows."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ResultsError(f"{path} is a folder, not a result file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"{path} is corrupt: not UTF-8 text (byte {exc.start})") from None
+    lines = text.splitlines(keepends=True)
+    if not lines or not lines[0].startswith(HEADER_PREFIX) or not lines[0].endswith("\n"):
+        raise ResultsError(f"{path} is not a dssn result file (line 1 must start with "
+                           f"{HEADER_PREFIX.strip()!r}); refusing to touch it")
+    try:
+        meta = json.loads(lines[0][len(HEADER_PREFIX):])
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise ResultsError(f"{path} is corrupt: line 1 has an unreadable header ({exc})") from None
+    if expect_meta is not None and meta != expect_meta:
+        diffs = "; ".join(_diff(meta, expect_meta)) or "header differs"
+        raise ResultsError(f"{path} holds results of a different run ({diffs}); nothing was "
+                           "changed: choose another --out, or pass --overwrite to replace it")
+    torn = None
+    if lines[-1] and not lines[-1].endswith("\n"):
+        torn = lines.pop()
+        if not allow_torn:
+            raise ResultsError(f"{path} is corrupt: line {len(lines) + 1} is incomplete "
+                               f"(a torn write?): {torn[:60]!r}")
+    if len(lines) < 2 or lines[1].rstrip("\n") != COLUMN_LINE:
+        if len(lines) >= 2 or torn is None:
+            raise ResultsError(f"{path} is corrupt: line 2 must be the column header "
+                               f"{COLUMN_LINE!r}")
+    spec = meta.get("spec", {}) if isinstance(meta.get("spec"), dict) else {}
+    out = ResultsFile(path=path, meta=meta, torn=torn)
+    seen = {}
+    for n, line in enumerate(lines[2:], start=3):
+        where = f"{path} is corrupt: line {n}"
+        row = parse_row(line, where)
+        check_row(row, spec, where)
+        if row.idx in seen:
+            raise ResultsError(f"{where}: index {row.idx} already on line {seen[row.idx]}")
+        seen[row.idx] = n
+        out.rows.append(row)
+        out.lines.append(line)
+    out.valid_bytes = len("".join(lines).encode("utf-8"))
+    return out
+
+
+class ResultsWriter:
+    """Appends whole rows to a result file: each ``write`` is one ``write`` call of
+    complete lines followed by flush and fsync, so a crash loses at most that batch."""
+
+    def __init__(self, path, meta: dict):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._f = open(self.path, "a", encoding="utf-8", newline="\n")
+        self.rows_written = 0
+        if new:
+            self._f.write(header_line(meta) + COLUMN_LINE + "\n")
+            self._sync()
+
+    def _sync(self):
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def write(self, lines) -> None:
+        text = "".join(lines)
+        if text:
+            self._f.write(text)
+            self._sync()
+            self.rows_written += len(lines)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def part_path(out, rank: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.rank{rank}")
+
+
+def leftover_parts(out) -> list[Path]:
+    """Part files ``<out>.rank<r>`` left by an interrupted distributed run."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    prefix = out.name + ".rank"
+    return sorted(p for p in out.parent.iterdir()
+                  if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+
+def _warn(msg: str) -> None:
+    print(f"dssn: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def read_for_resume(path, meta: dict) -> ResultsFile | None:
+    """The existing rows of ``path`` (None if there is no file), after checking header and
+    rows. Refuses (ResultsError) without touching the file if it belongs to another run or
+    is corrupt; truncates a torn last line (the only change it ever makes)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    rf = read_results(path, expect_meta=meta, allow_torn=True)
+    if rf.torn is not None:
+        _warn(f"{path}: dropping an incomplete last line (a write torn by a crash): "
+              f"{rf.torn[:60]!r}; that image is certified again")
+        with open(path, "r+b") as f:
+            f.truncate(rf.valid_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        if rf.valid_bytes < len(header_line(meta).encode()) + len(COLUMN_LINE) + 1:
+            path.unlink()  # the header itself was torn: start the file afresh
+            return None
+    return rf
+
+
+def merge_rows(sources) -> list[str]:
+    """Row lines of several sources, one per index, sorted by index. The same index in
+    two sources must hold the same certificate (time aside): the first line wins."""
+    merged = {}
+    for where, rows, lines in sources:
+        for row, line in zip(rows, lines):
+            have = merged.get(row.idx)
+            if have is None:
+                merged[row.idx] = (row, line, where)
+            elif have[0].key() != row.key():
+                raise ResultsError(f"index {row.idx} has different certificates in {have[2]} "
+                                   f"and {where}")
+    return [merged[i][1] for i in sorted(merged)]
+
+
+def write_atomic(path, meta: dict, lines) -> None:
+    """Writes header and ``lines`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".merge-tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(header_line(meta) + COLUMN_LINE + "\n" + "".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def consolidate(out, meta: dict, extra_sources=(), *, overwrite: bool = False) -> dict:
+    """Brings ``out`` up to date before a run: checks it (refusing a different run or a
+    corrupt file), folds in the rows of leftover part files ``<out>.rank*`` visible here
+    and of ``extra_sources`` ((where, rows, lines) gathered from other ranks), writes
+    ``out`` (header only if new) and removes the leftover parts it merged.
+    Returns {index: Row} of every certified index. ``overwrite`` discards everything."""
+    out = Path(out)
+    parts = leftover_parts(out)
+    if overwrite:
+        for p in parts + [out]:
+            if p.exists():
+                p.unlink()
+        write_atomic(out, meta, [])
+        return {}
+    existing = read_for_resume(out, meta)
+    sources = []
+    if existing is not None:
+        sources.append((str(out), existing.rows, existing.lines))
+    for p in parts:
+        rf = read_for_resume(p, meta)
+        if rf is not None:
+            sources.append((str(p), rf.rows, rf.lines))
+    sources += list(extra_sources)
+    if existing is None or len(sources) > 1:
+        lines = merge_rows(sources)
+        if existing is None or len(lines) != len(existing.lines):
+            write_atomic(out, meta, lines)
+    for p in parts:
+        if p.exists():
+            p.unlink()
+    final = read_results(out, expect_meta=meta)
+    return final.by_index()

@@ -1,0 +1,279 @@
+"""The ``dssn`` command end to end on digits (tiny budgets): train, certify (resume,
+refusals), analyze (a hand-made known table), plot; data readers on fake folders."""
+import pickle
+import subprocess
+import sys
+from importlib import metadata
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from dssn_kernels import cli, workflow  # noqa: E402
+from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint  # noqa: E402
+from dssn_kernels.data import load_dataset, resize_center_crop  # noqa: E402
+from dssn_kernels.results import (COLUMN_LINE, expected_certificate, format_row,  # noqa: E402
+                                  header_line, read_results)
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def tiny_checkpoint(path, init_seed=0, sigma=0.5):
+    """A freshly initialised small CNN on digits (no training needed for format tests)."""
+    torch.manual_seed(init_seed)
+    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 16}
+    model = build_model("small_cnn", kwargs)
+    spec = SmoothingSpec.create(sigma=sigma, q=16, seed=0, input_shape=(1, 8, 8), num_classes=10)
+    return save_checkpoint(path, model, arch="small_cnn", model_kwargs=kwargs, spec=spec,
+                           dataset={"name": "digits", "split": "train"})
+
+
+def rows_without_time(path):
+    lines = path.read_text().splitlines()
+    out = lines[:2]
+    for line in lines[2:]:
+        cols = line.split("\t")
+        out.append("\t".join(cols[:5] + cols[6:]))
+    return out
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_entry_points():
+    eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "dssn"]
+    assert eps and eps[0].value == "dssn_kernels.cli:main"
+    r = subprocess.run([sys.executable, "-m", "dssn_kernels", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "certify" in r.stdout and "analyze" in r.stdout
+
+
+def test_cli_workflow_end_to_end(tmp_path, capsys):
+    ckpt, tsv = tmp_path / "m.pt", tmp_path / "r.tsv"
+    code, out, err = run(["train", "--sigma", "0.5", "--out", str(ckpt), "--epochs", "1",
+                          "--max-train", "128", "--no-progress", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "sigma=0.5 (L=27, q=16, seed=0)" in out and ckpt.exists()
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["spec"]["L"] == 27 and raw["dataset"]["name"] == "digits"
+    assert raw["training"]["epochs"] == 1 and raw["training"]["num_train"] == 128
+
+    code, out, err = run(["certify", str(ckpt), "--out", str(tsv), "--max", "20", "--skip", "2",
+                          "--no-progress", "--sigma", "0.5", "--q", "16"], capsys)
+    assert code == 0, err
+    lines = tsv.read_text().splitlines()
+    assert lines[0].startswith("# dssn-results/1 {") and lines[1] == COLUMN_LINE
+    assert lines[1].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "counts"]
+    rf = read_results(tsv)
+    assert [r.idx for r in rf.rows] == list(range(0, 20, 2))
+    assert all(sum(r.counts) == 27 for r in rf.rows)
+    labels = load_dataset("digits", "test").labels
+    assert all(r.label == int(labels[r.idx]) for r in rf.rows)
+    # a rerun with a larger --max only certifies the new indices
+    code, out, err = run(["certify", str(ckpt), "--out", str(tsv), "--max", "24",
+                          "--skip", "2", "--no-progress"], capsys)
+    assert code == 0 and "certified 2 images" in out
+    assert [r.idx for r in read_results(tsv).rows] == list(range(0, 24, 2))
+
+    code, out, err = run(["analyze", str(tsv), "--radii", "0.25", "0.5"], capsys)
+    assert code == 0 and "| r.tsv | 0.5 | 27 | 16 | 12 |" in out and "ρ = 0.25" in out
+    pytest.importorskip("matplotlib")
+    code, out, err = run(["plot", "curves", str(tsv), "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 0 and (tmp_path / "c.png").stat().st_size > 1000
+    code, out, err = run(["plot", "noise", "--sigma", "1", "--indices", "0", "5",
+                          "--out", str(tmp_path / "n.png")], capsys)
+    assert code == 0 and (tmp_path / "n.png").stat().st_size > 1000
+
+
+def test_resume_after_interruption_gives_the_same_file(tmp_path, capsys, monkeypatch):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    full, part = tmp_path / "full.tsv", tmp_path / "part.tsv"
+    common = ["--max", "40", "--images-per-batch", "4", "--no-progress"]
+    assert run(["certify", str(ckpt), "--out", str(full)] + common, capsys)[0] == 0
+
+    calls = {"n": 0}
+    real = workflow.certify
+
+    def crash_on_third_batch(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(workflow, "certify", crash_on_third_batch)
+    code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
+    assert code == 130 and "rerun the same command to resume" in err
+    assert len(read_results(part).rows) == 8           # two whole batches were saved
+    monkeypatch.setattr(workflow, "certify", real)
+    # a crash in the middle of a write leaves a torn last line: dropped on resume
+    with open(part, "a") as f:
+        f.write("8\t3\t3\t0.1")
+    code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
+    assert code == 0 and "incomplete last line" in err and "certified 32 images" in out
+    assert rows_without_time(part) == rows_without_time(full)
+    # nothing left to do: a rerun certifies nothing and changes nothing
+    before = part.read_bytes()
+    code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
+    assert code == 0 and "certified 0 images" in out and part.read_bytes() == before
+
+
+def test_refusals_leave_files_untouched(tmp_path, capsys):
+    a = tiny_checkpoint(tmp_path / "a.pt", init_seed=0)
+    b = tiny_checkpoint(tmp_path / "b.pt", init_seed=1)
+    tsv = tmp_path / "r.tsv"
+    assert run(["certify", str(a), "--out", str(tsv), "--max", "6", "--no-progress"], capsys)[0] == 0
+    before = tsv.read_bytes()
+
+    def refused(argv, *patterns):
+        code, out, err = run(argv, capsys)
+        assert code == 2, (code, err)
+        msg = err.strip()
+        assert "\n" not in msg and "Traceback" not in msg, msg
+        for p in patterns:
+            assert p in msg, (p, msg)
+        assert tsv.read_bytes() == before
+
+    # another checkpoint's output
+    refused(["certify", str(b), "--out", str(tsv), "--max", "6"], "different run", "checkpoint_sha256")
+    # another split
+    refused(["certify", str(a), "--out", str(tsv), "--split", "train", "--max", "6"], "different run",
+            "dataset.split")
+    # a spec on the command line that disagrees with the checkpoint: both values named
+    refused(["certify", str(a), "--out", str(tsv), "--sigma", "0.25"], "--sigma 0.25", "sigma=0.5")
+    refused(["certify", str(a), "--out", str(tsv), "--q", "255"], "--q 255", "q=16")
+    refused(["certify", str(a), "--out", str(tsv), "--seed", "1"], "--seed 1", "seed=0")
+    # a corrupt row
+    lines = before.decode().splitlines(keepends=True)
+    cols = lines[3].split("\t")
+    cols[6] = "1," + cols[6]
+    tsv.write_text("".join(lines[:3] + ["\t".join(cols)] + lines[4:]))
+    before = tsv.read_bytes()
+    refused(["certify", str(a), "--out", str(tsv)], "corrupt", "line 4")
+    # not a result file at all
+    tsv.write_text("precious notes\n")
+    before = tsv.read_bytes()
+    refused(["certify", str(a), "--out", str(tsv)], "not a dssn result file")
+    # --overwrite replaces it explicitly
+    assert run(["certify", str(a), "--out", str(tsv), "--max", "3", "--overwrite",
+                "--no-progress"], capsys)[0] == 0
+    assert [r.idx for r in read_results(tsv).rows] == [0, 1, 2]
+    before = tsv.read_bytes()
+    # a bad checkpoint, a missing file, a bad spec at training
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    refused(["certify", str(tmp_path / "junk.pt"), "--out", str(tsv)], "not a loadable")
+    refused(["certify", str(tmp_path / "none.pt"), "--out", str(tsv)], "no checkpoint file")
+    refused(["train", "--sigma", "-1", "--out", str(tmp_path / "x.pt")], "sigma")
+    refused(["train", "--sigma", "0.5", "--q", "255", "--out", str(tmp_path / "x.pt")], "q=16")
+    refused(["analyze", str(tmp_path / "none.tsv")], "none.tsv")
+
+
+def hand_made(path, sigma, L, rows, q=16, num_classes=3):
+    spec = {"sigma": sigma, "q": q, "seed": 0, "L": L, "input_shape": [1, 8, 8],
+            "num_classes": num_classes}
+    meta = {"checkpoint_sha256": "0" * 64, "spec": spec, "dataset": {"name": "digits", "split": "test"}}
+    text = header_line(meta) + COLUMN_LINE + "\n"
+    for idx, label, counts in rows:
+        pred, radius = expected_certificate(counts, q)
+        text += format_row(idx, label, pred, radius, 0.01, counts)
+    path.write_text(text)
+    return path
+
+
+def test_analyze_hand_made_files_gives_the_known_table(tmp_path, capsys):
+    # sigma 0.25 (L=13): radii 6/16, 6/16, 3/16 (wrong), 0 -> clean 75%
+    a = hand_made(tmp_path / "a.tsv", 0.25, 13,
+                  [(0, 0, [13, 0, 0]), (1, 1, [0, 13, 0]), (2, 2, [3, 10, 0]), (3, 0, [7, 6, 0])])
+    # sigma 0.5 (L=27): radii 13/16, 3/16, 13/16, 13/16 (wrong) -> clean 75%
+    b = hand_made(tmp_path / "b.tsv", 0.5, 27,
+                  [(0, 0, [27, 0, 0]), (1, 1, [10, 17, 0]), (2, 2, [0, 0, 27]), (3, 0, [0, 27, 0])])
+    code, out, err = run(["analyze", str(a), str(b), "--radii", "0.1875", "0.375", "0.5", "1"],
+                         capsys)
+    assert code == 0, err
+    assert "| a.tsv | 0.25 | 13 | 16 | 4 | 75.0% | 50.0% | 50.0% | 0.0% | 0.0% |" in out
+    assert "| b.tsv | 0.5 | 27 | 16 | 4 | 75.0% | 75.0% | 50.0% | 50.0% | 0.0% |" in out
+    # Table 1 layout: best over sigma (ties: higher clean accuracy, then smaller sigma)
+    assert ("| DSSN | 75.0% (75.0% @ σ=0.5) | 50.0% (75.0% @ σ=0.25) | 50.0% (75.0% @ σ=0.5) "
+            "| 0.0% (75.0% @ σ=0.25) |") in out
+    # LABEL=FILE groups rows
+    code, out, err = run(["analyze", f"first={a}", f"second={b}", "--radii", "0.5",
+                          "--decimals", "2", "--out", str(tmp_path / "t.md")], capsys)
+    assert "| first | 0.00% (75.00% @ σ=0.25) |" in out
+    assert "| second | 50.00% (75.00% @ σ=0.5) |" in out
+    assert "| second |" in (tmp_path / "t.md").read_text()
+    # defaults: Table 1's radii for q = 255
+    c = hand_made(tmp_path / "c.tsv", 0.25, 220, [(0, 0, [220, 0, 0])], q=255)
+    code, out, err = run(["analyze", str(c)], capsys)
+    assert "| | ρ = 0.5 | ρ = 1 | ρ = 1.5 | ρ = 2 | ρ = 2.5 | ρ = 3 | ρ = 3.5 | ρ = 4 |".replace(
+        "| |", "|  |") in out
+    assert "| c.tsv | 0.25 | 220 | 255 | 1 | 100.0% | 0.0% |" in out   # 110/255 < 0.5
+
+
+def test_cifar10_reader_and_training_on_a_fake_folder(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    batches = {}
+    for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
+        data = rng.randint(0, 256, size=(n, 3072)).astype(np.uint8)
+        labels = list(rng.randint(0, 10, size=n))
+        batches[name] = (data, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+    ds = load_dataset("cifar10", "test", tmp_path)
+    assert len(ds) == 3 and ds.q == 255 and ds.input_shape == (3, 32, 32)
+    x, y = ds.get([2])
+    assert x.dtype == torch.uint8 and x.shape == (1, 3, 32, 32)
+    assert np.array_equal(x[0].numpy().reshape(-1), batches["test_batch"][0][2])
+    assert int(y[0]) == batches["test_batch"][1][2]
+    assert len(load_dataset("cifar10", "train", folder)) == 10
+    # train (WRN-40-2, a few images) and certify at a tiny sigma (L = 8) through the CLI
+    ckpt, tsv = tmp_path / "w.pt", tmp_path / "w.tsv"
+    code, out, err = run(["train", "--dataset", "cifar10", "--data-root", str(tmp_path),
+                          "--sigma", "0.01", "--epochs", "1", "--max-train", "4",
+                          "--no-progress", "--device", "cpu", "--out", str(ckpt)], capsys)
+    assert code == 0, err
+    assert torch.load(ckpt, weights_only=True)["model"]["arch"] == "wrn40_2"
+    code, out, err = run(["certify", str(ckpt), "--data-root", str(tmp_path), "--out", str(tsv),
+                          "--max", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert [sum(r.counts) for r in read_results(tsv).rows] == [8, 8]
+    code, out, err = run(["certify", str(ckpt), "--out", str(tsv)], capsys)
+    assert code == 2 and "--data-root" in err
+    (folder / "test_batch").write_bytes(b"garbage")
+    code, out, err = run(["certify", str(ckpt), "--data-root", str(tmp_path), "--out", str(tsv)],
+                         capsys)
+    assert code == 2 and "test_batch" in err
+
+
+def test_imagenet_folder_reader(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.RandomState(0)
+    sizes = {"n01/a.png": (300, 260), "n01/b.JPEG": (256, 256), "n02/c.png": (224, 500)}
+    arrays = {}
+    for name, (w, h) in sizes.items():
+        p = tmp_path / "val" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.randint(0, 256, size=(h, w, 3)).astype(np.uint8)
+        Image.fromarray(arr).save(p, format="PNG")
+        arrays[name] = arr
+    ds = load_dataset("imagenet", "test", tmp_path)
+    assert len(ds) == 3 and ds.num_classes == 2 and ds.labels.tolist() == [0, 0, 1]
+    x, _ = ds.get([1, 2])
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.uint8
+    # 256x256: no resize, the center 224x224 crop
+    assert np.array_equal(x[0].numpy().transpose(1, 2, 0), arrays["n01/b.JPEG"][16:240, 16:240])
+    # shorter side 224 -> 256 first, then the crop
+    img = Image.fromarray(arrays["n02/c.png"])
+    direct = resize_center_crop(img)
+    resized = np.asarray(img.resize((256, int(256 * 500 / 224)), Image.BILINEAR))
+    top = int(round((resized.shape[0] - 224) / 2))
+    assert np.array_equal(direct.numpy().transpose(1, 2, 0), resized[top:top + 224, 16:240])

@@ -1,0 +1,75 @@
+"""Sharded certification over torch.distributed: 2 CPU processes (gloo) under torchrun
+write the same TSV a single process writes (time aside), and resume like it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from dssn_kernels import cli  # noqa: E402
+from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint  # noqa: E402
+from dssn_kernels.results import part_path, read_results  # noqa: E402
+
+
+def tiny_checkpoint(path, init_seed=0):
+    torch.manual_seed(init_seed)
+    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 16}
+    spec = SmoothingSpec.create(sigma=0.5, q=16, seed=0, input_shape=(1, 8, 8), num_classes=10)
+    return save_checkpoint(path, build_model("small_cnn", kwargs), arch="small_cnn",
+                           model_kwargs=kwargs, spec=spec,
+                           dataset={"name": "digits", "split": "train"})
+
+
+def rows_without_time(path):
+    lines = path.read_text().splitlines()
+    return lines[:2] + ["\t".join(c[:5] + c[6:]) for c in (ln.split("\t") for ln in lines[2:])]
+
+
+def torchrun(args, nproc=2):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "dssn_kernels", "certify"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    single, dist = tmp_path / "single.tsv", tmp_path / "dist.tsv"
+    opts = ["--images-per-batch", "3", "--no-progress", "--device", "cpu"]
+    assert cli.main(["certify", str(ckpt), "--out", str(single), "--max", "40"] + opts) == 0
+
+    r = torchrun([str(ckpt), "--out", str(dist), "--max-index", "25"] + opts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "over 2 ranks" in r.stdout
+    assert not part_path(dist, 0).exists() and not part_path(dist, 1).exists()
+    assert rows_without_time(dist) == rows_without_time(single)[:2 + 25]
+
+    # an interrupted earlier run left a part file: it is merged, then the rest resumed
+    extra = single.read_text().splitlines(keepends=True)
+    part = part_path(dist, 1)
+    part.write_text("".join(extra[:2] + [extra[2 + 30], extra[2 + 33]]))
+    r = torchrun([str(ckpt), "--out", str(dist), "--max-index", "40"] + opts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "certified 7 images over 2 ranks" in r.stdout   # 13 left: 7 on rank 0, 6 on rank 1
+    assert not part.exists()
+    assert rows_without_time(dist) == rows_without_time(single)
+    assert [row.idx for row in read_results(dist).rows] == list(range(40))
+
+    # a refusal in rank 0's check (the output belongs to another checkpoint) stops every
+    # rank with the one-line message, and nothing is changed
+    other = tiny_checkpoint(tmp_path / "other.pt", init_seed=1)
+    before = dist.read_bytes()
+    r = torchrun([str(other), "--out", str(dist), "--max-index", "40"] + opts)
+    assert r.returncode != 0 and "holds results of a different run" in r.stderr
+    # (torchrun's launcher prints its own traceback for a failed worker; ours print one line)
+    assert "dssn_kernels/workflow.py" not in r.stderr and "dssn_kernels/results.py" not in r.stderr
+    assert dist.read_bytes() == before and not part_path(dist, 1).exists()

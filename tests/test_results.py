@@ -1,0 +1,122 @@
+"""Result files (dssn_kernels.results): row format, checks, torn lines, merging."""
+import pytest
+
+from dssn_kernels.data import cohen_indices
+from dssn_kernels.results import (COLUMN_LINE, ResultsError, ResultsWriter, consolidate,
+                                  expected_certificate, format_row, header_line, merge_rows,
+                                  parse_row, part_path, read_for_resume, read_results)
+
+SPEC = {"sigma": 0.5, "q": 16, "seed": 0, "L": 27, "input_shape": [1, 8, 8], "num_classes": 3}
+META = {"checkpoint_sha256": "ab" * 32, "spec": SPEC, "dataset": {"name": "digits", "split": "test"}}
+
+
+def row(idx, label, counts, seconds=0.001):
+    pred, radius = expected_certificate(counts, SPEC["q"])
+    return format_row(idx, label, pred, radius, seconds, counts)
+
+
+def write(path, lines, meta=META):
+    path.write_text(header_line(meta) + COLUMN_LINE + "\n" + "".join(lines))
+
+
+def test_certificate_from_counts_matches_design():
+    # r = floor((N_A - N_B - [B < A]) / 2), ties to the lowest index
+    assert expected_certificate([27, 0, 0], 16) == (0, 13 / 16)
+    assert expected_certificate([0, 27, 0], 16) == (1, 13 / 16)   # runner-up 0 < 1: -1
+    assert expected_certificate([10, 17, 0], 16) == (1, 3 / 16)
+    assert expected_certificate([13, 13, 1], 16) == (0, 0.0)
+    assert expected_certificate([1, 13, 13], 16) == (1, 0.0)
+
+
+def test_row_roundtrip_is_exact():
+    line = row(7, 1, [5, 20, 2])
+    assert line.endswith("\n") and line.count("\t") == 6
+    r = parse_row(line, "x")
+    assert (r.idx, r.label, r.predict, r.correct, r.counts) == (7, 1, 1, 1, (5, 20, 2))
+    assert r.radius == 7 / 16 and r.line() == line
+    # radius written as the shortest repr: reads back to the same float64 for q = 255 too
+    for steps in range(0, 2000, 37):
+        assert float(repr(steps / 255)) == steps / 255
+
+
+def test_read_results_and_checks(tmp_path):
+    p = tmp_path / "r.tsv"
+    write(p, [row(0, 0, [27, 0, 0]), row(3, 2, [0, 7, 20])])
+    rf = read_results(p, expect_meta=META)
+    assert [r.idx for r in rf.rows] == [0, 3] and rf.torn is None
+
+    bad = {
+        "counts sum": row(1, 0, [20, 0, 0]),
+        "classes": row(1, 0, [27, 0, 0, 0]),
+        "predict": "1\t0\t2\t0.8125\t0\t0.1\t27,0,0\n",
+        "radius": "1\t0\t0\t0.5\t1\t0.1\t27,0,0\n",
+        "correct": "1\t0\t0\t0.8125\t0\t0.1\t27,0,0\n",
+        "columns": "1\t0\t0\t0.8125\n",
+        "number": "1\tx\t0\t0.8125\t1\t0.1\t27,0,0\n",
+        "duplicate": row(0, 0, [27, 0, 0]),
+    }
+    for name, line in bad.items():
+        write(p, [row(0, 0, [27, 0, 0]), line])
+        with pytest.raises(ResultsError, match="line 4"):
+            read_results(p)
+    # a header of another run: refused, naming what differs
+    write(p, [row(0, 0, [27, 0, 0])])
+    other = dict(META, checkpoint_sha256="cd" * 32)
+    with pytest.raises(ResultsError, match="different run.*checkpoint_sha256"):
+        read_results(p, expect_meta=other)
+    p.write_text("idx\tlabel\n")
+    with pytest.raises(ResultsError, match="not a dssn result file"):
+        read_results(p)
+
+
+def test_torn_last_line_is_dropped_on_resume(tmp_path):
+    p = tmp_path / "r.tsv"
+    good = [row(0, 0, [27, 0, 0]), row(1, 1, [0, 27, 0])]
+    write(p, good + [row(2, 2, [0, 0, 27])[:9]])   # a crash mid-write
+    with pytest.raises(ResultsError, match="incomplete"):
+        read_results(p)
+    rf = read_for_resume(p, META)
+    assert [r.idx for r in rf.rows] == [0, 1]
+    assert p.read_text().endswith(good[-1])        # truncated to the last complete line
+    assert read_results(p).torn is None
+
+
+def test_writer_appends_whole_lines(tmp_path):
+    p = tmp_path / "sub" / "r.tsv"
+    with ResultsWriter(p, META) as w:
+        w.write([row(0, 0, [27, 0, 0])])
+        w.write([row(1, 1, [0, 27, 0]), row(2, 2, [0, 0, 27])])
+    with ResultsWriter(p, META) as w:              # reopening appends, no second header
+        w.write([row(5, 0, [27, 0, 0])])
+    assert [r.idx for r in read_results(p, expect_meta=META).rows] == [0, 1, 2, 5]
+
+
+def test_merge_and_consolidate(tmp_path):
+    out = tmp_path / "r.tsv"
+    write(out, [row(0, 0, [27, 0, 0])])
+    write(part_path(out, 0), [row(4, 1, [0, 27, 0]), row(2, 2, [0, 0, 27])])
+    write(part_path(out, 3), [row(1, 1, [0, 27, 0]), row(0, 0, [27, 0, 0], seconds=9.0)])
+    done = consolidate(out, META)
+    assert sorted(done) == [0, 1, 2, 4]
+    assert [r.idx for r in read_results(out).rows] == [0, 1, 2, 4]   # sorted by index
+    assert not part_path(out, 0).exists() and not part_path(out, 3).exists()
+    # the same index with a different certificate in two places is an error
+    write(part_path(out, 1), [row(1, 1, [1, 26, 0])])
+    with pytest.raises(ResultsError, match="index 1 has different certificates"):
+        consolidate(out, META)
+    assert part_path(out, 1).exists()              # nothing removed on refusal
+    assert consolidate(out, META, overwrite=True) == {}
+    assert not part_path(out, 1).exists() and read_results(out).rows == []
+
+
+def test_merge_rows_orders_by_index():
+    a = [parse_row(row(i, 0, [27, 0, 0]), "a") for i in (5, 1)]
+    lines = merge_rows([("a", a, [r.line() for r in a])])
+    assert [int(x.split("\t")[0]) for x in lines] == [1, 5]
+
+
+def test_cohen_indices():
+    assert cohen_indices(10) == list(range(10))
+    assert cohen_indices(10, skip=3) == [0, 3, 6, 9]
+    assert cohen_indices(10, skip=3, max_index=6) == [0, 3]
+    assert cohen_indices(10, max_index=-1) == list(range(10))

@@ -4,12 +4,15 @@ DSSN so that timings compare like with like.
 * ``certify_uniform``: Yang et al. (2020), additive uniform noise U(-lam, lam)^d.
 * ``certify_ssn``: randomized SSN with independent splits (Levine & Feizi, eqs. 27-28).
 
-Both follow Cohen et al.'s CERTIFY: the top class is the argmax of n0 votes, p_A is
-bounded below with a Clopper-Pearson bound from n fresh votes at confidence 1 - alpha
-(the lower end of the two-sided exact interval at level 1 - 2*alpha, computed with scipy,
-as statsmodels' ``proportion_confint(nA, n, alpha=2*alpha, method="beta")`` in their
-code), and the L1 radius is 2*lam*(p_lower - 1/2); the image is not certified
-(prediction -1, radius 0) when p_lower <= 1/2.
+Both follow Yang et al.'s certification (Cohen et al.'s CERTIFY with their bound): the
+top class is the argmax of n0 votes, and p_A is bounded below by the lower end of the
+two-sided Clopper-Pearson (exact, "beta") interval at level 1 - alpha from n fresh votes,
+exactly as their code does with statsmodels' ``proportion_confint(nA, n, alpha=alpha,
+method="beta")[0]`` (``certify_prob_lb`` in Yang et al.'s rs4a), computed here with scipy:
+the alpha/2-quantile of Beta(nA, n - nA + 1). (Cohen et al.'s code passes 2*alpha instead,
+a one-sided bound at confidence 1 - alpha; Yang et al.'s is slightly more conservative.)
+The L1 radius is 2*lam*(p_lower - 1/2) with lam = sigma / 3**-0.5; the image is not
+certified (prediction -1, radius 0) when p_lower <= 1/2.
 """
 from __future__ import annotations
 
@@ -36,11 +39,13 @@ class MonteCarloCertificate:
 
 
 def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
-    """One-sided (1 - alpha) lower confidence bound on a binomial proportion."""
+    """Lower end of the two-sided exact (Clopper-Pearson) interval at level 1 - alpha on a
+    binomial proportion: statsmodels' ``proportion_confint(successes, trials, alpha=alpha,
+    method="beta")[0]`` as in Yang et al.'s code, = Beta(k, n-k+1).ppf(alpha / 2)."""
     if successes == 0:
         return 0.0
     return float(binomtest(successes, trials).proportion_ci(
-        confidence_level=1 - 2 * alpha, method="exact").low)
+        confidence_level=1 - alpha, method="exact").low)
 
 
 def _check_args(x, sigma, n0, n, alpha):

@@ -33,8 +33,9 @@ class Threshold(torch.nn.Module):
 
 
 def all_votes_bound(n, alpha):
-    """Clopper-Pearson lower bound when all n votes agree: alpha ** (1/n)."""
-    return alpha ** (1 / n)
+    """Lower end of the two-sided Clopper-Pearson interval at level 1 - alpha (Yang et al.'s
+    convention) when all n votes agree: the alpha/2-quantile of Beta(n, 1), (alpha/2)**(1/n)."""
+    return (alpha / 2) ** (1 / n)
 
 
 @pytest.mark.parametrize("certify", BASELINES)
@@ -93,10 +94,34 @@ def test_abstains_when_bound_below_half():
 @pytest.mark.parametrize("k,n,alpha", [(1, 10, 0.001), (50, 100, 0.01), (99990, 100000, 0.001),
                                        (100000, 100000, 0.001), (5, 64, 0.05), (0, 10, 0.001)])
 def test_clopper_pearson_matches_scipy_beta(k, n, alpha):
-    # the one-sided exact bound is the alpha-quantile of Beta(k, n-k+1); two scipy routes
-    # to it differ in the last bits, so this compares to 1e-9 relative
-    expected = beta.ppf(alpha, k, n - k + 1) if k > 0 else 0.0
+    # Yang et al.'s bound, statsmodels' proportion_confint(k, n, alpha=alpha, method="beta")[0],
+    # is the alpha/2-quantile of Beta(k, n-k+1); two scipy routes to it differ in the last
+    # bits, so this compares to 1e-9 relative
+    expected = beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
     assert clopper_pearson_lower(k, n, alpha) == pytest.approx(expected, rel=1e-9, abs=0)
+
+
+def test_two_sided_at_alpha_not_cohen():
+    """The bound is the two-sided interval at alpha (Yang et al.), which is Cohen et al.'s
+    one-sided bound at alpha/2: below Cohen's one-sided bound at alpha."""
+    assert clopper_pearson_lower(99_000, 100_000, 0.001) == pytest.approx(
+        beta.ppf(0.0005, 99_000, 1001), rel=1e-9)
+    assert clopper_pearson_lower(99_000, 100_000, 0.001) < beta.ppf(0.001, 99_000, 1001)
+
+
+def test_uniform_threshold_partial_crossing():
+    """Pixel 0 at 0.5, threshold 0.5 + lam/2: x + U(-lam, lam) >= t with p = 1/4, so class 0
+    wins with p_A = 3/4; p_lower is the bound of the top class's count, radius 2 lam (p - 1/2)."""
+    sigma, n = 0.1, 4000
+    lam = sigma / 3 ** -0.5
+    x = torch.full((1, 1, 2, 2), 0.5)
+    cert = certify_uniform(Threshold(0.5 + lam / 2), x, sigma=sigma, n0=64, n=n,
+                           batch_size=512, generator=torch.Generator().manual_seed(3))
+    k = int(cert.counts[0, 0])
+    assert int(cert.counts.sum()) == n and abs(k / n - 0.75) < 0.04
+    p = clopper_pearson_lower(k, n, 0.001)
+    assert cert.prediction.tolist() == [0]
+    assert cert.p_lower.item() == p and cert.radius.item() == pytest.approx(2 * lam * (p - 0.5))
 
 
 @pytest.mark.parametrize("certify", BASELINES)

@@ -33,7 +33,7 @@ def native_has_cuda_kernels() -> bool:
     if native_extension_error() is not None:
         return False
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dssn::{op}", "CUDA")
-               for op in ("expand_", "vote_"))
+               for op in ("expand_", "vote_", "vote_margin_"))
 
 
 def _triton_status(device) -> tuple[bool, str]:

@@ -9,7 +9,7 @@ import torch
 
 from .backends import resolve_backend
 from .inputs import to_levels
-from .ops import expand_into
+from .ops import check_margin, expand_into
 from .pipeline import ModelCall, check_batch_size, run_votes, warn_if_training
 from .spec import _check_q, check_value_dtype, resolve_num_variants, split_offsets
 
@@ -22,8 +22,22 @@ class Certificate:
         index on ties). radius: float64 Tensor[B], certified L1 radius on the [0, 1]
         scale (= steps / q): every quantized x' with ||x' - x||_1 <= radius gets the same
         prediction. steps: LongTensor[B], the radius in quantization steps. counts:
-        LongTensor[B, K], votes of the L variants (each row sums to L). num_variants: L;
-        q: the quantization; backend: the backend that ran.
+        LongTensor[B, K], votes of the L variants (each row sums to L when margin = 0).
+        num_variants: L; q: the quantization; backend: the backend that ran.
+
+    With a margin tau > 0 (``certify(..., margin=tau)``; README, "What 'exact' means under
+    floating point"): a variant whose top logit beats the runner-up by less than tau is
+    ambiguous. It is in no class's ``counts``; ``ambiguous[b, c]`` counts the ambiguous
+    variants that class c could win when every logit moves by less than tau/2 (an
+    ambiguous variant is in at least two classes), ``num_ambiguous[b]`` the ambiguous
+    variants themselves, so ``counts[b].sum() + num_ambiguous[b] == L``. ``prediction``
+    is the argmax of ``counts`` and ``steps`` the largest r with, for every c != A,
+    ``N_A - (N_c + ambiguous_c) - [c < A] >= 2r``: the prediction then holds for every
+    quantized x' within the radius and for every evaluation of the model whose logits
+    are each within (strictly) tau/2 of the certifying one's. If even r = 0 fails the
+    prediction is not certified: steps = -1 and radius = -1/q (negative means "not
+    certified", which only happens with a margin). With tau = 0, ambiguous and
+    num_ambiguous are zero and everything is as without a margin.
     """
     prediction: torch.Tensor
     radius: torch.Tensor
@@ -32,45 +46,68 @@ class Certificate:
     num_variants: int
     q: int
     backend: str | None = None
+    ambiguous: torch.Tensor | None = None
+    num_ambiguous: torch.Tensor | None = None
+    margin: float = 0.0
+
+    def __post_init__(self):
+        if self.ambiguous is None:
+            self.ambiguous = torch.zeros_like(self.counts)
+        if self.num_ambiguous is None:
+            self.num_ambiguous = torch.zeros(self.counts.shape[0], dtype=torch.int64,
+                                             device=self.counts.device)
 
 
-def certified_steps(counts: torch.Tensor):
-    """(prediction A, steps r): A = argmax N (lowest index on ties), B = runner-up among
-    c != A (lowest index on ties), r = floor((N_A - N_B - [B < A]) / 2)."""
+def certified_steps(counts: torch.Tensor, ambiguous: torch.Tensor | None = None):
+    """(prediction A, steps r): A = argmax N (lowest index on ties) and
+    r = floor(min over c != A of (N_A - (N_c + amb_c) - [c < A]) / 2), or -1 (not
+    certified) when that minimum is negative. Without ambiguous counts (amb = 0) this is
+    floor((N_A - N_B - [B < A]) / 2) for the runner-up B, never negative."""
     rows = torch.arange(counts.shape[0], device=counts.device)
     top = counts.argmax(dim=1)
-    others = counts.clone()
-    others[rows, top] = -1
-    runner = others.argmax(dim=1)
-    margin = counts[rows, top] - counts[rows, runner] - (runner < top).long()
-    return top, torch.div(margin, 2, rounding_mode="floor")
+    rival = counts if ambiguous is None else counts + ambiguous
+    before = torch.arange(counts.shape[1], device=counts.device)[None, :] < top[:, None]
+    slack = counts[rows, top][:, None] - rival - before.long()
+    slack[rows, top] = torch.iinfo(torch.int64).max
+    steps = torch.div(slack.min(dim=1).values, 2, rounding_mode="floor")
+    return top, steps.clamp(min=-1)
 
 
-def _check_counts(counts) -> torch.Tensor:
+def _check_counts(counts, name="counts") -> torch.Tensor:
     if not isinstance(counts, torch.Tensor):
-        raise TypeError(f"counts must be a torch.Tensor [B, K], got {type(counts).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor [B, K], got {type(counts).__name__}")
     if counts.dim() != 2 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
-        raise ValueError(f"counts must be an integer [B, K] tensor, got {counts.dtype} "
+        raise ValueError(f"{name} must be an integer [B, K] tensor, got {counts.dtype} "
                          f"of shape {tuple(counts.shape)}")
     if counts.shape[1] < 2:
-        raise ValueError(f"counts need at least 2 classes, got K={counts.shape[1]}")
+        raise ValueError(f"{name} need at least 2 classes, got K={counts.shape[1]}")
     counts = counts.long()
     if counts.numel() and bool((counts < 0).any()):
-        raise ValueError("counts must be non-negative")
+        raise ValueError(f"{name} must be non-negative")
     return counts
 
 
-def certificate_from_counts(counts, q):
-    """(prediction LongTensor[B], radius float64 Tensor[B]) from vote counts [B, K]."""
+def certificate_from_counts(counts, q, *, ambiguous=None):
+    """(prediction LongTensor[B], radius float64 Tensor[B]) from vote counts [B, K].
+
+    ``ambiguous`` [B, K] (optional): the per-class ambiguous counts of a margin vote
+    (Certificate.ambiguous); the radius is then -1/q where not certified."""
     counts = _check_counts(counts)
     q = _check_q(q)
-    prediction, steps = certified_steps(counts)
+    if ambiguous is not None:
+        ambiguous = _check_counts(ambiguous, "ambiguous")
+        if ambiguous.shape != counts.shape:
+            raise ValueError(f"ambiguous {tuple(ambiguous.shape)} must be shaped like counts "
+                             f"{tuple(counts.shape)}")
+        ambiguous = ambiguous.to(counts.device)
+    prediction, steps = certified_steps(counts, ambiguous)
     return prediction, steps.double() / q
 
 
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
             backend="auto", num_classes=None, progress=False, dtype=torch.float32,
-            channels_last=False, autocast=None, cudnn_benchmark=None) -> Certificate:
+            channels_last=False, autocast=None, cudnn_benchmark=None,
+            margin=0.0) -> Certificate:
     """Exact DSSN certificate of every image in x for the base classifier ``model``.
 
     model maps float32 [N, *x.shape[1:]] in [0, 1] to logits [N, K]. x is float on the
@@ -83,7 +120,14 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     for half models), ``channels_last``, ``autocast`` (torch.float16/bfloat16: run the
     model under torch.autocast), ``cudnn_benchmark``. The certificate is exact for the
     base classifier as evaluated, in whatever precision it was evaluated.
+
+    ``margin`` tau >= 0 (0: off): votes that survive floating-point differences. A
+    variant whose top logit beats the runner-up by less than tau is ambiguous and counted
+    adversarially (see Certificate); the certificate then holds for every evaluation of
+    the model whose logits are within tau/2 of this one's (another batch size, GPU, TF32,
+    autocast...). README, "What 'exact' means under floating point".
     """
+    margin = check_margin(margin)
     call = ModelCall(dtype, channels_last, autocast, cudnn_benchmark)
     L = resolve_num_variants(sigma, lam, q, L)
     check_value_dtype(q, dtype)
@@ -97,12 +141,16 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     def fill(out, b, t):
         expand_into(out, levels[b:b + out.shape[0]], offsets, L, q, t, backend)
 
-    counts = run_votes(model, fill, num_images=B, per_image=L, shape=tuple(x.shape[1:]),
-                       batch_size=batch_size, backend=backend, device=levels.device,
-                       num_classes=num_classes, progress=progress, call=call)
-    prediction, steps = certified_steps(counts)
+    counts, ambiguous = run_votes(
+        model, fill, num_images=B, per_image=L, shape=tuple(x.shape[1:]),
+        batch_size=batch_size, backend=backend, device=levels.device,
+        num_classes=num_classes, progress=progress, call=call, margin=margin,
+        return_ambiguous=True)
+    num_ambiguous = L - counts.sum(dim=1)        # every variant votes or is ambiguous
+    prediction, steps = certified_steps(counts, ambiguous if margin > 0 else None)
     return Certificate(prediction=prediction, radius=steps.double() / q, steps=steps,
-                       counts=counts, num_variants=L, q=q, backend=backend)
+                       counts=counts, num_variants=L, q=q, backend=backend,
+                       ambiguous=ambiguous, num_ambiguous=num_ambiguous, margin=margin)
 
 
 def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=None,

@@ -9,7 +9,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from .ops import vote_into
+from .ops import vote_into, vote_margin_into
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -88,12 +88,19 @@ class ModelCall:
 
 def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size: int,
               backend: str, device, num_classes=None, progress=False, desc="certify",
-              call: ModelCall | None = None) -> torch.Tensor:
+              call: ModelCall | None = None, margin: float = 0.0,
+              return_ambiguous: bool = False):
     """Votes of ``model`` over num_images * per_image inputs -> int64 counts [B, K].
 
     ``fill(out, b, t)`` writes inputs t .. t+out.shape[1]-1 of images b .. b+out.shape[0]-1
     into ``out`` ([n, count, d] of the call's dtype, a view of the workspace). Counts stay
     on the device until the end: on a GPU there is no host sync per chunk.
+
+    ``margin`` tau > 0 (already checked, see ops.check_margin) votes with a margin
+    (ops/vote.py, vote_margin_into): an input whose top logit beats the runner-up by less
+    than tau votes for no class and is recorded in ``ambiguous`` [B, K] for every class it
+    could go to. With ``return_ambiguous`` the result is ``(counts, ambiguous)``
+    (ambiguous all zero when tau = 0, which runs the plain vote kernels).
     """
     call = call or ModelCall()
     d = 1
@@ -102,7 +109,10 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
     total = num_images * per_image
     rows_max = min(batch_size, total)
     on_cpu = torch.device(device).type == "cpu"
-    counts = None
+    counts = ambiguous = None
+    if margin > 0 and not return_ambiguous:
+        raise ValueError("run_votes: a margin needs return_ambiguous=True (ambiguous inputs "
+                         "vote for no class)")
     previous_benchmark = torch.backends.cudnn.benchmark
     if call.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = bool(call.cudnn_benchmark)
@@ -123,9 +133,14 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
                     num_classes = logits.shape[1]
                     counts = torch.zeros((num_images, num_classes), dtype=torch.int64,
                                          device=device)
+                    ambiguous = torch.zeros_like(counts) if return_ambiguous else None
                 first = pos // per_image
-                vote_into(counts[first:], nan_rows, logits, pos - first * per_image, per_image,
-                          backend)
+                row0 = pos - first * per_image
+                if margin > 0:
+                    vote_margin_into(counts[first:], ambiguous[first:], nan_rows, logits, row0,
+                                     per_image, margin, backend)
+                else:
+                    vote_into(counts[first:], nan_rows, logits, row0, per_image, backend)
                 if on_cpu and nan_rows.item():
                     raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s) "
                                      f"of image(s) {first}..{(end - 1) // per_image}")
@@ -133,4 +148,4 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
         torch.backends.cudnn.benchmark = previous_benchmark
     if nan_rows.item():  # devices: one sync at the end, not one per chunk
         raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s)")
-    return counts
+    return (counts, ambiguous) if return_ambiguous else counts

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "../dssn_noise.h"
 #include "launchers.h"
 
@@ -137,9 +139,67 @@ void vote_cuda(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
   check_launch(err, "dssn::vote_");
 }
 
+void vote_margin_cuda(at::Tensor counts, at::Tensor ambiguous, at::Tensor nan_rows,
+                      const at::Tensor& logits, int64_t row0, int64_t rows_per_image,
+                      double margin) {
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 2,
+              "dssn::vote_margin_: counts must be a contiguous int64 [B, K] tensor");
+  TORCH_CHECK(ambiguous.scalar_type() == at::kLong && ambiguous.is_contiguous() &&
+                  ambiguous.sizes() == counts.sizes(),
+              "dssn::vote_margin_: ambiguous must be a contiguous int64 tensor shaped like "
+              "counts ", counts.sizes(), ", got ", ambiguous.sizes());
+  TORCH_CHECK(nan_rows.scalar_type() == at::kLong && nan_rows.numel() == 1,
+              "dssn::vote_margin_: nan_rows must be an int64 tensor with one element");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == counts.size(1),
+              "dssn::vote_margin_: logits ", logits.sizes(), " do not match counts ",
+              counts.sizes());
+  TORCH_CHECK(rows_per_image >= 1 && row0 >= 0, "dssn::vote_margin_: bad row mapping");
+  TORCH_CHECK(margin >= 0.0 && std::isfinite(margin),
+              "dssn::vote_margin_: margin must be finite and >= 0, got ", margin);
+  const auto type = logits.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                  type == at::kBFloat16,
+              "dssn::vote_margin_: logits must be float32, float64, float16 or bfloat16, "
+              "got ", type);
+  TORCH_CHECK(counts.is_cuda() && ambiguous.device() == counts.device() &&
+                  nan_rows.device() == counts.device() && logits.device() == counts.device(),
+              "dssn::vote_margin_: counts, ambiguous, nan_rows and logits must be on the same "
+              "CUDA device, got ", counts.device(), ", ", ambiguous.device(), ", ",
+              nan_rows.device(), " and ", logits.device());
+  const int64_t R = logits.size(0), K = logits.size(1);
+  if (R == 0) return;
+  TORCH_CHECK(K >= 2, "dssn::vote_margin_: logits need at least 2 classes");
+  TORCH_CHECK((row0 + R - 1) / rows_per_image < counts.size(0),
+              "dssn::vote_margin_: rows map past the last image of counts");
+
+  const c10::cuda::CUDAGuard guard(counts.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor x = logits.contiguous();
+  int64_t* c = counts.data_ptr<int64_t>();
+  int64_t* a = ambiguous.data_ptr<int64_t>();
+  int64_t* n = nan_rows.data_ptr<int64_t>();
+  const void* p = x.data_ptr();
+  cudaError_t err;
+  if (type == at::kFloat) {
+    err = dssn_vote_margin_f32(c, a, n, static_cast<const float*>(p), R, K, row0,
+                               rows_per_image, margin, stream);
+  } else if (type == at::kDouble) {
+    err = dssn_vote_margin_f64(c, a, n, static_cast<const double*>(p), R, K, row0,
+                               rows_per_image, margin, stream);
+  } else if (type == at::kHalf) {
+    err = dssn_vote_margin_f16(c, a, n, static_cast<const __half*>(p), R, K, row0,
+                               rows_per_image, margin, stream);
+  } else {
+    err = dssn_vote_margin_bf16(c, a, n, static_cast<const __nv_bfloat16*>(p), R, K, row0,
+                                rows_per_image, margin, stream);
+  }
+  check_launch(err, "dssn::vote_margin_");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dssn, CUDA, m) {
   m.impl("expand_", &expand_cuda);
   m.impl("vote_", &vote_cuda);
+  m.impl("vote_margin_", &vote_margin_cuda);
 }

@@ -1,4 +1,5 @@
-// Host launchers of the dssn CUDA kernels (csrc/cuda/expand.cu, csrc/cuda/vote.cu).
+// Host launchers of the dssn CUDA kernels (csrc/cuda/expand.cu, csrc/cuda/vote.cu:
+// expand_, vote_, vote_margin_).
 //
 // Plain C signatures over raw device pointers and a stream, with no torch headers, so
 // the kernels compile with bare nvcc and the thin torch binding (binding.cpp) is the
@@ -55,6 +56,24 @@ DSSN_DECLARE_VOTE(dssn_vote_f16, __half);
 DSSN_DECLARE_VOTE(dssn_vote_bf16, __nv_bfloat16);
 
 #undef DSSN_DECLARE_VOTE
+
+// dssn::vote_margin_: vote_ with a margin tau = margin (finite, >= 0; the rule of
+// dssn::margin_below in csrc/dssn_noise.h, logits read exactly as double): a NaN-free row
+// whose top value T beats the runner-up by less than tau adds 1 to
+// ambiguous[(row0 + r) / rows_per_image, c] for every class c with gap(T, logit_c) < tau
+// and does not vote; every other row votes as in vote_. ambiguous: int64 [B, K]
+// contiguous like counts. Same caller guarantees as vote_, and K >= 2. Atomics only.
+#define DSSN_DECLARE_VOTE_MARGIN(NAME, LOGIT_T)                                           \
+  cudaError_t NAME(int64_t* counts, int64_t* ambiguous, int64_t* nan_rows,               \
+                   const LOGIT_T* logits, int64_t R, int64_t K, int64_t row0,            \
+                   int64_t rows_per_image, double margin, cudaStream_t stream)
+
+DSSN_DECLARE_VOTE_MARGIN(dssn_vote_margin_f32, float);
+DSSN_DECLARE_VOTE_MARGIN(dssn_vote_margin_f64, double);
+DSSN_DECLARE_VOTE_MARGIN(dssn_vote_margin_f16, __half);
+DSSN_DECLARE_VOTE_MARGIN(dssn_vote_margin_bf16, __nv_bfloat16);
+
+#undef DSSN_DECLARE_VOTE_MARGIN
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -9,12 +9,21 @@
 // -0.0 and +0.0 tie and the lower index wins, exactly as the CPU's sequential ">" scan),
 // hence the winner does not depend on the reduction order. Votes are integer atomics.
 //
+// vote_margin_ (same semantics as the CPU kernel): the margin rule of csrc/dssn_noise.h
+// (dssn::margin_below) on the top value, its first index and the runner-up value, all
+// read exactly as double. The lane-local scans and the shuffle merge also carry the
+// runner-up (the maximum once the winning entry is removed: the larger of both
+// runners-up and the losing maximum); like the top value it is one well-defined number,
+// whatever the reduction order. An ambiguous row then takes a second pass over its
+// columns, each lane adding its ambiguous classes with int64 atomics.
+//
 // No torch headers here: the binding (binding.cpp) calls the launchers in launchers.h.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "../dssn_noise.h"
 #include "launchers.h"
 
 namespace {
@@ -106,6 +115,101 @@ cudaError_t launch_vote(int64_t* counts, int64_t* nan_rows, const scalar_t* logi
   return cudaGetLastError();
 }
 
+// Logits read exactly as double (half and bfloat16 through float, exactly).
+__device__ __forceinline__ double to_double(float x) { return double(x); }
+__device__ __forceinline__ double to_double(double x) { return x; }
+__device__ __forceinline__ double to_double(__half x) { return double(__half2float(x)); }
+__device__ __forceinline__ double to_double(__nv_bfloat16 x) {
+  return double(__bfloat162float(x));
+}
+
+__device__ __forceinline__ double dmax(double a, double b) { return b > a ? b : a; }
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    vote_margin_kernel(unsigned long long* __restrict__ counts,
+                       unsigned long long* __restrict__ ambiguous,
+                       unsigned long long* __restrict__ nan_rows,
+                       const scalar_t* __restrict__ logits, int64_t R, int64_t K,
+                       int64_t row0, int64_t rows_per_image, double tau) {
+  const int lane = int(threadIdx.x) & (kWarp - 1);
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  const int64_t warp_step = int64_t(gridDim.x) * warps_per_block;
+  for (int64_t r = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; r < R;
+       r += warp_step) {
+    const scalar_t* row = logits + r * K;
+    double best = 0.0;
+    double runner = -__longlong_as_double(0x7ff0000000000000ll);  // -inf
+    long long arg = K;  // sentinel: loses to any real column
+    bool nan = false;
+    for (int64_t c = lane; c < K; c += kWarp) {
+      const double v = to_double(row[c]);
+      if (isnan(v)) {
+        nan = true;
+      } else if (arg == K || v > best) {  // columns ascend within a lane: first max wins
+        if (arg != K) runner = best;
+        best = v;
+        arg = c;
+      } else {
+        runner = dmax(runner, v);
+      }
+    }
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      const double other_best = __shfl_down_sync(kFullMask, best, off);
+      const double other_runner = __shfl_down_sync(kFullMask, runner, off);
+      const long long other_arg = __shfl_down_sync(kFullMask, arg, off);
+      if (other_arg == K) continue;
+      if (arg == K) {
+        best = other_best;
+        runner = other_runner;
+        arg = other_arg;
+      } else if (beats(other_best, other_arg, best, arg)) {
+        runner = dmax(dmax(runner, other_runner), best);
+        best = other_best;
+        arg = other_arg;
+      } else {
+        runner = dmax(dmax(runner, other_runner), other_best);
+      }
+    }
+    nan = __any_sync(kFullMask, nan);
+    // lane 0 holds the row's result; every lane needs the top value and the decision
+    best = __shfl_sync(kFullMask, best, 0);
+    const bool amb =
+        __shfl_sync(kFullMask, int(!nan && dssn::margin_below(best, runner, tau)), 0) != 0;
+    const int64_t image = (row0 + r) / rows_per_image;
+    if (amb) {
+      for (int64_t c = lane; c < K; c += kWarp) {
+        if (dssn::margin_below(best, to_double(row[c]), tau)) {
+          atomicAdd(ambiguous + image * K + c, 1ull);
+        }
+      }
+    } else if (lane == 0) {
+      if (nan) {
+        atomicAdd(nan_rows, 1ull);
+      } else {
+        atomicAdd(counts + image * K + arg, 1ull);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+cudaError_t launch_vote_margin(int64_t* counts, int64_t* ambiguous, int64_t* nan_rows,
+                               const scalar_t* logits, int64_t R, int64_t K, int64_t row0,
+                               int64_t rows_per_image, double margin, cudaStream_t stream) {
+  if (R <= 0 || K <= 0) return cudaSuccess;
+  const int64_t warps_per_block = kThreads / kWarp;
+  int64_t blocks = (R + warps_per_block - 1) / warps_per_block;
+  if (blocks > kMaxGrid) blocks = kMaxGrid;
+  vote_margin_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(
+      reinterpret_cast<unsigned long long*>(counts),
+      reinterpret_cast<unsigned long long*>(ambiguous),
+      reinterpret_cast<unsigned long long*>(nan_rows), logits, R, K, row0, rows_per_image,
+      margin);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 #define DSSN_DEFINE_VOTE(NAME, LOGIT_T)                                                     \
@@ -122,3 +226,19 @@ DSSN_DEFINE_VOTE(dssn_vote_f16, __half)
 DSSN_DEFINE_VOTE(dssn_vote_bf16, __nv_bfloat16)
 
 #undef DSSN_DEFINE_VOTE
+
+#define DSSN_DEFINE_VOTE_MARGIN(NAME, LOGIT_T)                                           \
+  extern "C" cudaError_t NAME(int64_t* counts, int64_t* ambiguous, int64_t* nan_rows,   \
+                              const LOGIT_T* logits, int64_t R, int64_t K, int64_t row0, \
+                              int64_t rows_per_image, double margin,                    \
+                              cudaStream_t stream) {                                    \
+    return launch_vote_margin<LOGIT_T>(counts, ambiguous, nan_rows, logits, R, K, row0,  \
+                                       rows_per_image, margin, stream);                 \
+  }
+
+DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_f32, float)
+DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_f64, double)
+DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_f16, __half)
+DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_bf16, __nv_bfloat16)
+
+#undef DSSN_DEFINE_VOTE_MARGIN

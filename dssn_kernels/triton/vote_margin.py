@@ -32,8 +32,9 @@ def _below(a, z, tau):
     v = s - a
     e = (a - (s - v)) + ((0.0 - z) - v)
     less = (s < tau) | ((s == tau) & (e < 0.0))
-    tie = a == z
-    return (tie & (tau > 0.0)) | ((a != z) & less)
+    # a tie is a gap of 0 (inf - inf would be NaN); a tensor condition, not the scalar
+    # "0.0 < tau", which Triton's interpreter mistypes in tl.where
+    return tl.where(a == z, tl.zeros_like(s) < tau, less)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["num_variants", "split_offsets", "variants", "certify", "Certificate",
-           "noised_pixel", "nearest_in_format"]
+           "noised_pixel", "nearest_in_format", "margin_vote"]
 
 
 def num_variants(sigma=None, *, lam=None, q=255) -> int:
@@ -117,46 +117,92 @@ def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=No
     return torch.from_numpy(out).to(dtype).view(B, stop - start, *x.shape[1:])
 
 
+def _gap_below(top: float, z: float, tau: Fraction) -> bool:
+    """Whether gap(top, z) < tau, for top >= z: 0 when top == z (equal infinities too),
+    otherwise the exact real top - z (infinite when top = +inf or z = -inf)."""
+    if top == z:
+        return 0 < tau
+    if math.isinf(top) or math.isinf(z):
+        return False
+    return Fraction(top) - Fraction(z) < tau
+
+
+def margin_vote(logits_row, margin=0.0):
+    """The vote of one variant with margin tau (README, "What 'exact' means under floating
+    point"), in exact arithmetic: the class it votes for (the first index of the top
+    logit T), or, if T beats the runner-up by less than tau (a tie is a gap of 0), the
+    frozenset of classes c with T - logit_c < tau: the classes that can become the
+    argmax when every logit moves by less than tau/2. None for a row holding a NaN."""
+    row = [float(v) for v in logits_row]
+    if any(math.isnan(v) for v in row):
+        return None
+    tau = Fraction(float(margin))
+    top = max(row)
+    A = row.index(top)
+    close = frozenset(c for c, z in enumerate(row) if _gap_below(top, z, tau))
+    return A if close <= {A} else close
+
+
 class Certificate:
-    def __init__(self, prediction, radius, steps, counts):
+    def __init__(self, prediction, radius, steps, counts, ambiguous=None, num_ambiguous=None):
         self.prediction, self.radius, self.steps, self.counts = prediction, radius, steps, counts
+        self.ambiguous = torch.zeros_like(counts) if ambiguous is None else ambiguous
+        self.num_ambiguous = (torch.zeros(counts.shape[0], dtype=torch.long)
+                              if num_ambiguous is None else num_ambiguous)
 
 
-def _certified_steps(counts_row):
+def _certified_steps(counts_row, ambiguous_row=None):
     """Largest r such that, after any r of the L votes change (each quantization step of
     L1 change alters at most one variant, Corollary 1), the prediction stays: for every
-    other class c, N_A - r > N_c + r, or N_A - r = N_c + r with A < c (index tie-break)."""
+    other class c, N_A - r > N_c + r, or N_A - r = N_c + r with A < c (index tie-break).
+    Ambiguous variants count for every class they could go to except A (the worst case);
+    r = -1 if the prediction fails even with no vote changed."""
     K = len(counts_row)
+    amb = ambiguous_row or [0] * K
     A = max(range(K), key=lambda c: (counts_row[c], -c))
-    r = 0
-    while all(counts_row[A] - (r + 1) > counts_row[c] + (r + 1)
-              or (counts_row[A] - (r + 1) == counts_row[c] + (r + 1) and A < c)
-              for c in range(K) if c != A):
+
+    def holds(r):
+        return all(counts_row[A] - r > counts_row[c] + amb[c] + r
+                   or (counts_row[A] - r == counts_row[c] + amb[c] + r and A < c)
+                   for c in range(K) if c != A)
+
+    r = -1
+    while holds(r + 1):
         r += 1
     return A, r
 
 
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
-            backend="auto") -> Certificate:
+            backend="auto", margin=0.0) -> Certificate:
     """Evaluates the base classifier on all L variants of each image (one image at a time)
-    and certifies the vote. ``batch_size`` and ``backend`` are accepted and ignored."""
+    and certifies the vote (with ``margin`` tau: each variant votes by margin_vote).
+    ``batch_size`` and ``backend`` are accepted and ignored."""
     L = _resolve(sigma, lam, L, q)
     B = x.shape[0]
-    rows, preds, steps = [], [], []
+    rows, ambs, num_ambs, preds, steps = [], [], [], [], []
     with torch.no_grad():
         for b in range(B):
             noisy = variants(x[b:b + 1], L=L, q=q, seed=seed)[0]
-            votes = model(noisy).argmax(dim=1).tolist()
-            K = None
-            counts = {}
-            for c in votes:
-                counts[c] = counts.get(c, 0) + 1
-            K = model(noisy[:1]).shape[1]
-            row = [counts.get(c, 0) for c in range(K)]
-            A, r = _certified_steps(row)
+            logits = model(noisy).tolist()
+            K = len(logits[0])
+            row, amb, num_amb = [0] * K, [0] * K, 0
+            for z in logits:
+                vote = margin_vote(z, margin)
+                if vote is None:
+                    raise ValueError("the model returned NaN logits")
+                if isinstance(vote, int):
+                    row[vote] += 1
+                else:
+                    num_amb += 1
+                    for c in vote:
+                        amb[c] += 1
+            A, r = _certified_steps(row, amb)
             rows.append(row)
+            ambs.append(amb)
+            num_ambs.append(num_amb)
             preds.append(A)
             steps.append(r)
     steps_t = torch.tensor(steps, dtype=torch.long)
     return Certificate(torch.tensor(preds, dtype=torch.long), steps_t.double() / q, steps_t,
-                       torch.tensor(rows, dtype=torch.long))
+                       torch.tensor(rows, dtype=torch.long), torch.tensor(ambs, dtype=torch.long),
+                       torch.tensor(num_ambs, dtype=torch.long))

@@ -2,11 +2,13 @@
 
     import dssn_kernels as dk
     cert = dk.certify(model, x, sigma=0.5, q=255)   # cert.prediction, cert.radius
+    dec = dk.certify_at(model, x, 0.1, sigma=0.5)   # dec.certified, early exit
 
 The reference oracle lives in the separate package ``dssn_reference`` (python/).
 """
 from .backends import BackendUnavailableError, available_backends, native_extension_error
 from .certify import Certificate, certificate_from_counts, certify, variants
+from .early_exit import Decision, Prediction, certify_at, predict
 from .smooth import DSSN
 from .spec import num_variants, split_offsets
 from .training import training_noise
@@ -16,7 +18,7 @@ __version__ = "0.1.0"
 native_extension_error()  # registers torch.ops.dssn.* when the extension is built
 
 __all__ = [
-    "BackendUnavailableError", "Certificate", "DSSN", "available_backends",
-    "certificate_from_counts", "certify", "num_variants", "split_offsets",
-    "training_noise", "variants",
+    "BackendUnavailableError", "Certificate", "DSSN", "Decision", "Prediction",
+    "available_backends", "certificate_from_counts", "certify", "certify_at",
+    "num_variants", "predict", "split_offsets", "training_noise", "variants",
 ]

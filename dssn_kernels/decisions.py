@@ -18,15 +18,23 @@ The condition for a class A implies that A is the argmax of N, so at most one cl
 satisfy it; ``best_rival[A] = max over c != A of (N_c + amb_c + [c < A])`` is all the
 rules need.
 
-* ``certified_settled``: A (the current leader) stays certified whatever the rest does:
-  its worst case against each rival c is every remaining variant going to c,
-  ``N_A - best_rival[A] - m >= 2r``.
+* ``certified_settled``: every outcome certifies the current leader A (so the final
+  prediction is A as well): its worst case against each rival c is every remaining
+  variant going to c, ``N_A - best_rival[A] - m >= 2r``. (For r >= 1, "every outcome
+  certifies some class" is the same statement: one variant moves N_X - N_Y by at most
+  2, so neighbouring outcomes cannot certify different classes. At r = 0 without a
+  margin every outcome is certified, and the rule waits until the prediction settles.)
 * ``uncertifiable``: no outcome certifies any class: the best case for each A is every
   remaining variant voting for A, ``N_A + m - best_rival[A] < 2r`` for every A.
 * ``prediction_settled``: the leader of the unambiguous counts cannot be overtaken:
   ``N_A - m >= N_c + [c < A]`` for every c != A (ambiguous variants vote for no class).
 
 With m = 0 the first two are complementary and equal the full certificate.
+
+``more_needed_certify`` / ``more_needed_predict`` give, per image, a lower bound on how
+many more variants must be evaluated before the decision can possibly be settled (each
+variant moves any of the quantities above by at most 2); early exit evaluates that many
+before looking again, which never overshoots a stopping point.
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ import numpy as np
 import torch
 
 __all__ = ["required_steps", "leader", "best_rival", "prediction_settled",
-           "certified_settled", "uncertifiable", "certify_status"]
+           "certified_settled", "uncertifiable", "certify_status", "full_decision",
+           "more_needed_certify", "more_needed_predict"]
 
 
 def required_steps(radius, q: int) -> int:
@@ -128,3 +137,50 @@ def certify_status(counts: torch.Tensor, remaining, steps,
     yes = certified_settled(counts, remaining, steps, ambiguous)
     no = uncertifiable(counts, remaining, steps, ambiguous)
     return yes | no, yes
+
+
+
+def full_decision(counts: torch.Tensor, steps, ambiguous: torch.Tensor | None = None):
+    """(prediction, certified) from complete counts (no variant left): A = argmax N
+    (lowest index on ties), certified <=> N_A - max_{c != A}(N_c + amb_c + [c < A]) >= 2r.
+    Without ``ambiguous`` this is ``certified_steps(counts)[1] >= steps``."""
+    counts = counts.long()
+    A = leader(counts)
+    rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
+    return A, counts.gather(1, A[:, None])[:, 0] - rival >= 2 * steps
+
+
+def _halves(deficit: torch.Tensor) -> torch.Tensor:
+    """ceil(deficit / 2) for deficit > 0, else 0."""
+    return torch.div(deficit.clamp(min=0) + 1, 2, rounding_mode="floor")
+
+
+def more_needed_predict(counts: torch.Tensor, remaining) -> torch.Tensor:
+    """LongTensor [B]: a lower bound on the further variants needed before
+    ``prediction_settled`` can hold (0 where it holds now). One variant raises
+    N_X - m - rival_X by at most 2, so class X needs ceil(deficit_X / 2) more."""
+    counts = counts.long()
+    m = _remaining(remaining, counts)
+    slack = counts - m[:, None] - best_rival(counts)
+    return _halves(-slack).min(dim=1).values
+
+
+def more_needed_certify(counts: torch.Tensor, remaining, steps,
+                        ambiguous: torch.Tensor | None = None,
+                        settle_prediction: bool = False) -> torch.Tensor:
+    """LongTensor [B]: a lower bound on the further variants needed before the certify_at
+    decision can be settled (0 where it is settled now): ``certified_settled``, or
+    ``uncertifiable`` (and, with ``settle_prediction``, ``prediction_settled`` too).
+
+    One variant raises N_X - m - rival_X by at most 2 (certified_settled for X needs it
+    >= 2r) and lowers N_X + m - rival_X by at most 2 (uncertifiable needs it < 2r for
+    every X)."""
+    counts = counts.long()
+    m = _remaining(remaining, counts)
+    rival = best_rival(counts, ambiguous)
+    need_yes = _halves(2 * steps - (counts - m[:, None] - rival)).min(dim=1).values
+    possible = counts + m[:, None] - rival - 2 * steps      # >= 0: X can still be certified
+    need_no = torch.div(possible + 2, 2, rounding_mode="floor").clamp(min=0).max(dim=1).values
+    if settle_prediction:
+        need_no = torch.maximum(need_no, more_needed_predict(counts, m))
+    return torch.minimum(need_yes, need_no)

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Overhead of exact DSSN certification over the base model's own forward passes.
+"""Overhead of exact DSSN certification over the base model's own forward passes, and
+peak memory against L.
 
-    python benchmarks/overhead.py [--quick] [--out benchmarks/results]
+    python benchmarks/overhead.py [--quick] [--out benchmarks/results] [--device cpu|cuda]
+                                  [--model tiny|wide|smallcnn|wrn40-2] [--stem NAME]
 
-For each sigma (q = 255, so L = dk.num_variants(sigma) = 220, 441, 883 for sigma = 0.25,
-0.5, 1.0) and a batch of B images with random uint8 levels, this times, interleaved and
-repeated (the median and the min over repetitions are reported):
+For each sigma (q = 255, so L = dk.num_variants(sigma) = 220, 441, 883, 1766, 3091 for
+sigma = 0.25, 0.5, 1, 2, 3.5) and a batch of B images with random uint8 levels, this
+times, interleaved and repeated (the median and the min over repetitions are reported):
 
-* ``certify_cpp`` / ``certify_torch``: ``dk.certify(model, x, sigma=..., batch_size=bs,
-  backend=...)``;
+* ``certify_<backend>`` (cpp and torch on a CPU; cuda, triton and torch on a GPU):
+  ``dk.certify(model, x, sigma=..., batch_size=bs, backend=...)``;
 * ``forward``: the model's forward passes alone over the same number B*L of inputs at
   the same forward batch size, on a preallocated input tensor (holding certify's first
   batch of variants), under ``torch.inference_mode`` (the floor any exact certifier
@@ -16,24 +18,24 @@ repeated (the median and the min over repetitions are reported):
 * ``naive``: a pipeline in the style of the paper's released code: per image and chunk
   of variants, split points s = (j + 0.5)/q and the noised images from the float
   formula of the paper's eq. 47-48, broadcast into a float [chunk, d] tensor, then the
-  model, then votes as ``F.one_hot(argmax).float().sum``.
+  model, then votes as ``F.one_hot(argmax).float().sum`` (what the fused pipeline gains;
+  run it on a larger model too, e.g. ``--model wrn40-2 --images 1 --stem overhead_wrn``).
 
 ``ratio = time / forward time``. It also times the expand and vote kernels alone over
-the same work (where certify's overhead goes), and measures the peak resident-memory
-increase of certify (and of the forward passes alone) at sigma 0.25 and 3.5 (L = 3091),
-each in a fresh subprocess (``--memory-probe SIGMA``): torch's CPU allocations are
-invisible to tracemalloc, so the probe reads the kernel's peak-RSS counter.
+the same work (where certify's overhead goes), and measures the peak memory increase of
+certify (and of the forward passes alone) for several sigmas (L from 220 to 3091): on a
+CPU each in a fresh subprocess (``--memory-probe SIGMA``; torch's CPU allocations are
+invisible to tracemalloc, so the probe reads the kernel's peak-RSS counter), on a GPU
+with torch.cuda.max_memory_allocated.
 
-Writes ``overhead.json`` and ``overhead.md`` into ``--out`` and prints the markdown.
-Timings on a shared or busy machine are noisy; the JSON keeps every repetition.
+Writes ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (time ratio per sigma, memory
+against L) into ``--out`` and prints the markdown. Timings on a shared or busy machine
+are noisy; the JSON keeps every repetition.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,68 +43,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dssn_kernels as dk
-from dssn_kernels.backends import resolve_backend
-from dssn_kernels.ops import expand_into, vote_into
-from dssn_kernels.pipeline import windows
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
-Q = 255
-SHAPE = (3, 32, 32)
-NUM_CLASSES = 10
-SIGMAS = (0.25, 0.5, 1.0)
-MEMORY_SIGMAS = (0.25, 3.5)
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+import dssn_kernels as dk  # noqa: E402
+from dssn_kernels.ops import expand_into, vote_into  # noqa: E402
+from dssn_kernels.pipeline import windows  # noqa: E402
 
+import bench_common as bc  # noqa: E402
+from bench_common import (DEFAULT_OUT, NUM_CLASSES, Q, SHAPE, TinyCNN,  # noqa: E402,F401
+                          build_model, make_images)
 
-class TinyCNN(nn.Module):
-    """conv 3->16 3x3, ReLU, max-pool, conv 16->32 3x3, ReLU, max-pool, linear 2048->10.
-    Normalization is inside the model, after the noise."""
-
-    def __init__(self, in_channels=3, num_classes=NUM_CLASSES, image_size=32):
-        super().__init__()
-        side = image_size // 4
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * side * side, num_classes))
-
-    def forward(self, x):
-        return self.net((x - 0.5) / 0.5)
-
-
-def build_model(name: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    if name == "tiny":
-        model = TinyCNN(SHAPE[0], NUM_CLASSES, SHAPE[1])
-    elif name == "smallcnn":
-        from dssn_kernels.models import SmallCNN
-        model = SmallCNN(SHAPE[0], NUM_CLASSES, SHAPE[1])
-    else:
-        raise ValueError(f"unknown model {name!r}")
-    return model.eval()
-
-
-def model_description(model: nn.Module, name: str) -> str:
-    def layer(m):
-        if isinstance(m, nn.Conv2d):
-            kh, kw = m.kernel_size
-            return f"Conv2d({m.in_channels}->{m.out_channels}, {kh}x{kw})"
-        if isinstance(m, nn.Linear):
-            return f"Linear({m.in_features}->{m.out_features})"
-        return type(m).__name__
-    leaves = [layer(m) for m in model.modules() if not list(m.children())]
-    params = sum(p.numel() for p in model.parameters())
-    return (f"{name}: {', '.join(leaves)}; {params} parameters; "
-            f"input {'x'.join(map(str, SHAPE))}, {NUM_CLASSES} classes; eval mode")
-
-
-def make_images(B: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, Q + 1, (B, *SHAPE), generator=g, dtype=torch.uint8)
+SIGMAS = bc.FIGURE6_SIGMAS
+QUICK_MEMORY_SIGMAS = (0.25, 3.5)
 
 
 def variant_buffer(x: torch.Tensor, sigma: float, rows: int) -> torch.Tensor:
@@ -133,15 +89,15 @@ def naive_certify(model, x, sigma, bs, seed=0):
     noise formula of eq. 47-48, materialized per image and chunk; one-hot float votes."""
     L = dk.num_variants(sigma, q=Q)
     two_lam = L / Q                                   # 2*lambda, a multiple of 1/q
-    B = x.shape[0]
+    B, device = x.shape[0], x.device
     pixels = x.reshape(B, -1).float() / Q
-    offsets = dk.split_offsets(pixels.shape[1], L, seed)
-    counts = torch.zeros(B, NUM_CLASSES)
+    offsets = dk.split_offsets(pixels.shape[1], L, seed).to(device)
+    counts = torch.zeros(B, NUM_CLASSES, device=device)
     with torch.no_grad():
         for b in range(B):
             xi = pixels[b][None, :]
             for t0 in range(0, L, bs):
-                t = torch.arange(t0, min(t0 + bs, L))
+                t = torch.arange(t0, min(t0 + bs, L), device=device)
                 s = (((offsets[None, :] + t[:, None]) % L).float() + 0.5) / Q  # [chunk, d]
                 top = two_lam * torch.ceil((xi - s) / two_lam) + s
                 noised = (torch.minimum(top, torch.ones_like(top))
@@ -164,45 +120,49 @@ def kernel_times(x, sigma, bs, backend, logits, reps):
     (same windows, same workspace), and by certify with a no-op model: the minimum over
     ``reps`` runs (the cost without interference from other work)."""
     L = dk.num_variants(sigma, q=Q)
+    device = x.device
     levels = x.reshape(x.shape[0], -1).contiguous()
     B, d = levels.shape
-    offsets = dk.split_offsets(d, L, 0).to(torch.int32)
+    offsets = dk.split_offsets(d, L, 0).to(device=device, dtype=torch.int32)
     total = B * L
     rows = min(bs, total)
     expand_s, vote_s = [], []
     with torch.inference_mode():
-        workspace = torch.empty((rows, d), dtype=torch.float32)
-        counts = torch.zeros((B, NUM_CLASSES), dtype=torch.int64)
-        nan_rows = torch.zeros(1, dtype=torch.int64)
+        workspace = torch.empty((rows, d), dtype=torch.float32, device=device)
+        counts = torch.zeros((B, NUM_CLASSES), dtype=torch.int64, device=device)
+        nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
         for _ in range(reps + 1):                     # the first run is a warm-up
             te = tv = 0.0
             for pos in range(0, total, rows):
                 end = min(pos + rows, total)
+                bc.synchronize(device)
                 t0 = time.perf_counter()
                 row = 0
                 for b, n, t, count in windows(pos, end, L):
                     out = workspace[row:row + n * count].view(n, count, d)
                     expand_into(out, levels[b:b + n], offsets, L, Q, t, backend)
                     row += n * count
+                bc.synchronize(device)
                 t1 = time.perf_counter()
                 first = pos // L
                 vote_into(counts[first:], nan_rows, logits[:end - pos], pos - first * L, L,
                           backend)
+                bc.synchronize(device)
                 t2 = time.perf_counter()
                 te += t1 - t0
                 tv += t2 - t1
             expand_s.append(te)
             vote_s.append(tv)
-    noop, pipeline_s = NoOpModel(), []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        dk.certify(noop, x, sigma=sigma, q=Q, batch_size=bs, backend=backend)
-        pipeline_s.append(time.perf_counter() - t0)
+    noop = NoOpModel()
+    pipeline_s = [bc.timed(lambda: dk.certify(noop, x, sigma=sigma, q=Q, batch_size=bs,
+                                              backend=backend), device)
+                  for _ in range(reps + 1)]
     return min(expand_s[1:]), min(vote_s[1:]), min(pipeline_s[1:])
 
 
 def measure(args, model) -> list[dict]:
-    x = make_images(args.images, args.seed)
+    device = args.device
+    x = make_images(args.images, args.seed, device)
     bs = args.batch_size
     rows = []
     for sigma in args.sigmas:
@@ -224,7 +184,7 @@ def measure(args, model) -> list[dict]:
             out = methods[name]()
             if name == "forward":
                 continue
-            counts = (out.counts if hasattr(out, "counts") else out).long()
+            counts = (out.counts if hasattr(out, "counts") else out).long().cpu()
             if reference is None:
                 reference, reference_counts = name, counts
             moved[name] = int((counts - reference_counts).abs().sum().item()) // 2
@@ -232,9 +192,7 @@ def measure(args, model) -> list[dict]:
         for rep in range(args.repeats):
             k = rep % len(names)                      # rotate the order every repetition
             for name in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                methods[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(bc.timed(methods[name], device))
         fwd_med, fwd_min = statistics.median(times["forward"]), min(times["forward"])
         row = {"sigma": sigma, "L": L, "inputs": total, "forward_batches": -(-total // bs),
                "votes_moved": {"reference": reference, "moved": moved}, "methods": {}}
@@ -243,7 +201,7 @@ def measure(args, model) -> list[dict]:
             row["methods"][name] = {"median_s": med, "min_s": mn, "times_s": times[name],
                                     "ratio_median": med / fwd_med, "ratio_min": mn / fwd_min}
         logits = torch.randn(min(bs, total), NUM_CLASSES,
-                             generator=torch.Generator().manual_seed(3))
+                             generator=torch.Generator().manual_seed(3)).to(device)
         row["kernels"] = {}
         for backend in args.backends:
             e, v, p = kernel_times(x, sigma, bs, backend, logits, args.repeats)
@@ -252,10 +210,13 @@ def measure(args, model) -> list[dict]:
                                        "vote_per_forward": v / fwd_min,
                                        "noop_certify_per_forward": p / fwd_min}
         rows.append(row)
+        print(f"overhead sigma {sigma:g} (L {L}): " + ", ".join(
+            f"{n} {row['methods'][n]['ratio_median']:.3f}" for n in names if n != "forward")
+            + " x forward", file=sys.stderr)
     return rows
 
 
-# --- memory probe (each runs in a fresh subprocess) ----------------------------------
+# --- memory probe (each CPU probe runs in a fresh subprocess) -------------------------
 
 def _proc_status_bytes(key: str):
     try:
@@ -288,6 +249,23 @@ def _reset_peak_rss() -> bool:
     return _proc_status_bytes("VmRSS") is not None
 
 
+def _probe_target(args, sigma, target, backend, model, x):
+    L = dk.num_variants(sigma, q=Q)
+    if target == "forward":
+        buffer = variant_buffer(x, sigma, min(args.batch_size, x.shape[0] * L))
+        return lambda: forward_only(model, buffer, x.shape[0] * L, args.batch_size)
+    return lambda: dk.certify(model, x, sigma=sigma, q=Q, batch_size=args.batch_size,
+                              backend=backend)
+
+
+def _probe_record(args, sigma, target, backend, how, baseline, peak, seconds) -> dict:
+    return {"sigma": sigma, "L": dk.num_variants(sigma, q=Q), "target": target,
+            "backend": backend if target == "certify" else None,
+            "images": args.memory_images, "batch_size": args.batch_size, "method": how,
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
+            "peak_increase_bytes": peak - baseline, "seconds": seconds}
+
+
 def memory_probe(args) -> dict:
     """Peak RSS increase of one run of ``args.probe_target`` in this fresh process:
     ``certify`` (dk.certify of the B images) or ``forward`` (the model's forward passes
@@ -296,21 +274,12 @@ def memory_probe(args) -> dict:
     initialization) and one warm-up forward. The baseline is the current RSS with the
     peak counter reset where Linux allows it, else the peak so far."""
     sigma = args.memory_probe
-    L = dk.num_variants(sigma, q=Q)
     model = build_model(args.model, args.seed)
-    x = make_images(args.images, args.seed)
+    x = make_images(args.memory_images, args.seed)
     dk.certify(model, x[:1], L=1, q=Q, batch_size=1, backend=args.backend)
     with torch.inference_mode():
         model(variant_buffer(x, sigma, 1))
-    if args.probe_target == "forward":
-        buffer = variant_buffer(x, sigma, min(args.batch_size, args.images * L))
-
-        def target():
-            forward_only(model, buffer, args.images * L, args.batch_size)
-    else:
-        def target():
-            dk.certify(model, x, sigma=sigma, q=Q, batch_size=args.batch_size,
-                       backend=args.backend)
+    target = _probe_target(args, sigma, args.probe_target, args.backend, model, x)
     if _reset_peak_rss():
         baseline, how = _proc_status_bytes("VmRSS"), "VmHWM after run - VmRSS after clear_refs"
     else:
@@ -318,18 +287,31 @@ def memory_probe(args) -> dict:
     t0 = time.perf_counter()
     target()
     seconds = time.perf_counter() - t0
-    peak = _peak_rss_bytes()
-    return {"sigma": sigma, "L": L, "target": args.probe_target,
-            "backend": args.backend if args.probe_target == "certify" else None,
-            "images": args.images, "batch_size": args.batch_size, "method": how,
-            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
-            "peak_increase_bytes": peak - baseline, "seconds": seconds}
+    return _probe_record(args, sigma, args.probe_target, args.backend, how, baseline,
+                         _peak_rss_bytes(), seconds)
 
 
-def run_memory_probe(sigma, target, backend, args) -> dict:
+def cuda_memory_probe(sigma, target, backend, args, model) -> dict:
+    """On a GPU: the peak of torch's CUDA allocator over one run, in this process
+    (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``)."""
+    device = args.device
+    x = make_images(args.memory_images, args.seed, device)
+    run = _probe_target(args, sigma, target, backend, model, x)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    seconds = bc.timed(run, device)
+    return _probe_record(args, sigma, target, backend,
+                         "torch.cuda.max_memory_allocated - memory_allocated before", baseline,
+                         torch.cuda.max_memory_allocated(device), seconds)
+
+
+def run_memory_probe(sigma, target, backend, args, model) -> dict:
+    if torch.device(args.device).type == "cuda":
+        return cuda_memory_probe(sigma, target, backend, args, model)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", repr(sigma),
            "--probe-target", target, "--backend", backend,
-           "--images", str(args.memory_images), "--batch-size", str(args.batch_size),
+           "--memory-images", str(args.memory_images), "--batch-size", str(args.batch_size),
            "--model", args.model, "--seed", str(args.seed),
            "--threads", str(torch.get_num_threads())]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -338,28 +320,28 @@ def run_memory_probe(sigma, target, backend, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def memory(args) -> dict:
+def memory(args, model) -> dict:
     """Median over ``args.memory_repeats`` fresh processes per cell: the allocator's
     peak varies by several MiB from run to run (per-thread arenas, fragmentation)."""
     runs = [("certify", backend) for backend in args.memory_backends]
     if not args.quick:
         runs.append(("forward", "auto"))
-    probes = {(target, backend, sigma): [run_memory_probe(sigma, target, backend, args)
+    sigmas = list(args.memory_sigmas)
+    probes = {(target, backend, sigma): [run_memory_probe(sigma, target, backend, args, model)
                                          for _ in range(args.memory_repeats)]
-              for target, backend in runs for sigma in MEMORY_SIGMAS}
+              for target, backend in runs for sigma in sigmas}
     summary = []
     for target, backend in runs:
         increase, peak = [], []
-        for sigma in MEMORY_SIGMAS:
+        for sigma in sigmas:
             cell = probes[target, backend, sigma]
             increase.append(int(statistics.median(p["peak_increase_bytes"] for p in cell)))
             peak.append(int(statistics.median(p["peak_rss_bytes"] for p in cell)))
         summary.append({
             "run": "forward" if target == "forward" else f"certify_{backend}",
-            "sigmas": list(MEMORY_SIGMAS),
-            "L": [dk.num_variants(sigma, q=Q) for sigma in MEMORY_SIGMAS],
+            "sigmas": sigmas, "L": [dk.num_variants(sigma, q=Q) for sigma in sigmas],
             "peak_increase_bytes": increase,
-            "increase_ratio": increase[1] / increase[0] if increase[0] > 0 else None,
+            "increase_ratio": increase[-1] / increase[0] if increase[0] > 0 else None,
             "peak_rss_bytes": peak,
         })
     first = next(iter(probes.values()))[0]
@@ -368,42 +350,13 @@ def memory(args) -> dict:
             "probes": [p for cell in probes.values() for p in cell], "summary": summary}
 
 
-# --- environment and report ----------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, check=False, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
+# --- report --------------------------------------------------------------------------
 
 def environment(args, model) -> dict:
-    return {
-        "torch": torch.__version__, "dssn_kernels": dk.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "device": "cpu", "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "backends": list(args.backends), "auto_backend": resolve_backend("auto", "cpu"),
-        "available_backends": dk.available_backends(),
-        "model": model_description(model, args.model), "num_classes": NUM_CLASSES,
-        "q": Q, "batch_size": args.batch_size, "images": args.images,
-        "repeats": args.repeats, "sigmas": list(args.sigmas), "quick": args.quick,
-        "seed": args.seed, "git_commit": git_commit(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return bc.environment(args.device, args.model, model, args.backends,
+                          batch_size=args.batch_size, images=args.images,
+                          repeats=args.repeats, sigmas=list(args.sigmas), quick=args.quick,
+                          naive=not args.no_naive, seed=args.seed)
 
 
 def _mib(b):
@@ -412,76 +365,116 @@ def _mib(b):
 
 def markdown(result) -> str:
     env = result["environment"]
-    lines = ["# DSSN certify overhead vs the model's own forward passes", "",
-             f"{env['cpu_model']}, {env['torch_threads']} torch thread(s), torch "
-             f"{env['torch']}. Model {env['model']}. B = {env['images']} images, forward "
-             f"batch {env['batch_size']}, q = {env['q']}. Median of {env['repeats']} "
-             f"interleaved repetitions; ratio = time / forward time (ratio of the minima in "
-             f"brackets).", ""]
+    lines = [f"# DSSN certify overhead vs the model's own forward passes ({env['model_name']})",
+             "", bc.describe_environment(env),
+             f"B = {env['images']} images, forward batch {env['batch_size']}, q = {env['q']}. "
+             f"Median of {env['repeats']} interleaved repetitions; ratio = time / forward time "
+             f"(ratio of the minima in brackets). `naive`: the released code's style (float "
+             f"noise formula broadcast into a [chunk, d] tensor per image, one-hot float "
+             f"votes) on the same model.", ""]
     timings = result["timings"]
     names = [n for n in timings[0]["methods"] if n != "forward"] if timings else []
     head = ["sigma", "L", "inputs B*L", "forward (s)"] + \
            [f"{n} (s)" for n in names] + [f"{n} ratio" for n in names]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for row in timings:
         m = row["methods"]
-        cells = [f"{row['sigma']:g}", str(row["L"]), str(row["inputs"]),
-                 f"{m['forward']['median_s']:.4f}"]
-        cells += [f"{m[n]['median_s']:.4f}" for n in names]
-        cells += [f"{m[n]['ratio_median']:.3f} ({m[n]['ratio_min']:.3f})" for n in names]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append([f"{row['sigma']:g}", str(row["L"]), str(row["inputs"]),
+                     f"{m['forward']['median_s']:.4f}"]
+                    + [f"{m[n]['median_s']:.4f}" for n in names]
+                    + [f"{m[n]['ratio_median']:.3f} ({m[n]['ratio_min']:.3f})" for n in names])
+    lines += bc.md_table(head, body)
     lines += ["", "Where certify's time goes besides the model: the expand and vote kernels "
                   "alone over the windows certify uses, and certify with a no-op model "
                   "(the whole pipeline without a forward pass); minimum seconds, and as a "
-                  "fraction of the minimum forward time:", "",
-              "| sigma | backend | expand (s) | vote (s) | no-op certify (s) | "
-              "expand / fwd | vote / fwd | no-op certify / fwd |",
-              "|---|---|---|---|---|---|---|---|"]
-    for row in timings:
-        for backend, k in row["kernels"].items():
-            lines.append(f"| {row['sigma']:g} | {backend} | {k['expand_s']:.4f} | "
-                         f"{k['vote_s']:.4f} | {k['noop_certify_s']:.4f} | "
-                         f"{k['expand_per_forward']:.3f} | {k['vote_per_forward']:.3f} | "
-                         f"{k['noop_certify_per_forward']:.3f} |")
+                  "fraction of the minimum forward time:", ""]
+    lines += bc.md_table(
+        ["sigma", "backend", "expand (s)", "vote (s)", "no-op certify (s)", "expand / fwd",
+         "vote / fwd", "no-op certify / fwd"],
+        [[f"{row['sigma']:g}", backend, f"{k['expand_s']:.4f}", f"{k['vote_s']:.4f}",
+          f"{k['noop_certify_s']:.4f}", f"{k['expand_per_forward']:.3f}",
+          f"{k['vote_per_forward']:.3f}", f"{k['noop_certify_per_forward']:.3f}"]
+         for row in timings for backend, k in row["kernels"].items()])
     mem = result.get("memory")
     if mem:
-        s0, s1 = MEMORY_SIGMAS
-        lines += ["", f"Peak resident memory increase of one call over the RSS at its start "
-                      f"(median of {mem['repeats']} fresh processes per cell; B = "
-                      f"{mem['images']}, forward batch "
+        s = mem["summary"][0]
+        lines += ["", f"Peak memory increase of one call over the memory at its start "
+                      f"({mem['method']}; median of {mem['repeats']} run(s) per cell, each CPU "
+                      f"run a fresh process; B = {mem['images']}, forward batch "
                       f"{mem['batch_size']}; `forward` = the model's own forward passes over "
-                      f"the same B*L inputs):", "",
-                  f"| run | L | sigma {s0:g} (MiB) | sigma {s1:g} (MiB) | ratio | "
-                  f"peak RSS (MiB) |", "|---|---|---|---|---|---|"]
-        for r in mem["summary"]:
-            ratio = "n/a" if r["increase_ratio"] is None else f"{r['increase_ratio']:.3f}"
-            lines.append(f"| {r['run']} | {r['L'][0]} / {r['L'][1]} | "
-                         f"{_mib(r['peak_increase_bytes'][0])} | "
-                         f"{_mib(r['peak_increase_bytes'][1])} | {ratio} | "
-                         f"{_mib(r['peak_rss_bytes'][0])} / {_mib(r['peak_rss_bytes'][1])} |")
+                      f"the same B*L inputs), in MiB:", ""]
+        head = ["run"] + [f"sigma {sg:g} (L {L})" for sg, L in zip(s["sigmas"], s["L"])] + \
+               ["last / first", "peak (MiB)"]
+        lines += bc.md_table(head, [
+            [r["run"]] + [_mib(b) for b in r["peak_increase_bytes"]]
+            + ["n/a" if r["increase_ratio"] is None else f"{r['increase_ratio']:.3f}",
+               " / ".join(_mib(b) for b in r["peak_rss_bytes"])]
+            for r in mem["summary"]])
     return "\n".join(lines) + "\n"
+
+
+def plot(result, path: Path) -> str:
+    """Left: time / forward time per sigma for each method; right: peak memory increase
+    against L for each run (flat = memory does not grow with L)."""
+    plt = bc.pyplot()
+    env, timings, mem = result["environment"], result["timings"], result.get("memory")
+    fig, axes = plt.subplots(1, 2 if mem else 1, figsize=(10 if mem else 5.5, 4),
+                             squeeze=False)
+    a = axes[0][0]
+    names = [n for n in timings[0]["methods"] if n != "forward"]
+    sig = [r["sigma"] for r in timings]
+    for n in names:
+        a.plot(sig, [r["methods"][n]["ratio_median"] for r in timings], "o-", label=n)
+    a.axhline(1.0, color="k", ls="--", lw=1, label="forward only")
+    a.set_xlabel("sigma")
+    a.set_ylabel("time / forward-only time")
+    a.set_title("certification time over the model's forwards", fontsize=9)
+    a.legend(fontsize=8)
+    a.grid(True, alpha=0.3)
+    if mem:
+        b = axes[0][1]
+        for r in mem["summary"]:
+            b.plot(r["L"], [v / 2**20 for v in r["peak_increase_bytes"]], "o-", label=r["run"])
+        b.set_xlabel("L (variants per image)")
+        b.set_ylabel("peak memory increase (MiB)")
+        b.set_ylim(bottom=0)
+        b.set_title("peak memory against L", fontsize=9)
+        b.legend(fontsize=8)
+        b.grid(True, alpha=0.3)
+    fig.suptitle(f"{env['model_name']} on {env['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: B=2, 2 repetitions, sigma 0.25 only; one B=1 memory "
-                        "probe per sigma, first backend only")
+                        "probe at sigma 0.25 and 3.5, first backend only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--stem", default="overhead", help="output file names <stem>.{json,md,png}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--batch-size", type=int, default=256, help="forward batch size")
     p.add_argument("--images", type=int, default=None, help="images B (default 8; quick 2)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repetitions (default 5; quick 2)")
     p.add_argument("--sigmas", type=float, nargs="+", default=None,
-                   help="default 0.25 0.5 1.0 (quick: 0.25)")
+                   help="default 0.25 0.5 1 2 3.5 (quick: 0.25)")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="certify backends (default: cpp and torch, where available)")
-    p.add_argument("--model", choices=("tiny", "smallcnn"), default="tiny",
-                   help="tiny: the CNN defined here; smallcnn: dssn_kernels.models.SmallCNN")
+                   help="certify backends (default: those available on the device, but not "
+                        "interpreted triton)")
+    p.add_argument("--model", choices=bc.MODELS, default="tiny",
+                   help="tiny/small: TinyCNN; wide: TinyCNN with 4x the channels; smallcnn: "
+                        "dssn_kernels.models.SmallCNN; wrn40-2: WideResNet-40-2")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--memory-sigmas", type=float, nargs="+", default=None,
+                   help="default 0.25 0.5 1 2 3.5 (quick: 0.25 3.5)")
     p.add_argument("--memory-images", type=int, default=None,
                    help="images per memory probe (default: --images; quick 1)")
     p.add_argument("--memory-repeats", type=int, default=None,
@@ -492,15 +485,21 @@ def parse_args(argv=None):
                    help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.device = bc.check_device(args.device)
     if args.images is None:
         args.images = 2 if args.quick else 8
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.sigmas is None:
         args.sigmas = [0.25] if args.quick else list(SIGMAS)
+    if args.memory_sigmas is None:
+        args.memory_sigmas = list(QUICK_MEMORY_SIGMAS if args.quick else SIGMAS)
     if args.backends is None:
-        available = dk.available_backends()
-        args.backends = [b for b in ("cpp", "torch") if b in available]
+        from dssn_kernels.triton import interpreting
+        preferred = ("cuda", "triton", "torch") if "cuda" in args.device else ("cpp", "torch")
+        available = dk.available_backends(args.device)
+        args.backends = [b for b in preferred if b in available
+                         and not (b == "triton" and interpreting())]
     if args.memory_images is None:
         args.memory_images = 1 if args.quick else args.images
     if args.memory_repeats is None:
@@ -517,13 +516,15 @@ def main(argv=None) -> dict:
         result = memory_probe(args)
         print(json.dumps(result))
         return result
-    model = build_model(args.model, args.seed)
+    model = build_model(args.model, args.seed, args.device)
     result = {"environment": environment(args, model), "timings": measure(args, model)}
-    result["memory"] = None if args.no_memory else memory(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["memory"] = None if args.no_memory else memory(args, model)
     md = markdown(result)
-    (args.out / "overhead.md").write_text(md)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    png = None if args.no_plot else plot(result, Path(args.out) / f"{args.stem}.png")
+    result["files"] = bc.write_report(args.out, args.stem, result, md)
+    if png:
+        result["files"]["png"] = png
     print(md)
     return result
 

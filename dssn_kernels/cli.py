@@ -134,10 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--seed", type=int, default=0, help="split-offset seed")
     pn.add_argument("--noise-seed", type=int, default=0, help="seed of the variant / noise draws")
 
-    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/overhead.py)",
-                       description="Runs benchmarks/overhead.py with this python; other "
-                       "arguments are passed through.")
-    b.add_argument("--quick", action="store_true", help="a short smoke run")
+    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py)",
+                       description="Runs benchmarks/run_all.py with this python: DSSN vs "
+                       "100k-sample Monte Carlo (Figure 6), overhead over the model's forward "
+                       "passes, the naive released-code-style pipeline, peak memory against L, "
+                       "and micro-benchmarks of the ops; JSON, markdown and PNG reports. "
+                       "Arguments after -- go to run_all.py as they are.")
+    b.add_argument("--quick", action="store_true", help="a short smoke run (under a minute)")
+    b.add_argument("--out", help="report folder (default benchmarks/results)")
+    b.add_argument("--device", help="cpu (default) or cuda")
+    b.add_argument("--model", choices=("small", "wrn40-2"),
+                   help="model of the Monte Carlo comparison (default: small on a CPU, "
+                        "wrn40-2 on a GPU)")
+    b.add_argument("--only", nargs="+", metavar="STEP",
+                   help="vs_monte_carlo, overhead, overhead_large, micro_ops")
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -220,15 +230,20 @@ def cmd_plot(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise UsageError(f"the benchmark suite is not here ({script} is missing): `dssn bench` "
                          "runs from a source checkout")
     rest = list(args.rest)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + rest
-    return subprocess.call(cmd)
+    cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+    for flag in ("out", "device", "model", "threads"):
+        if getattr(args, flag, None) is not None:
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    if args.only:
+        cmd += ["--only", *args.only]
+    return subprocess.call(cmd + rest)
 
 
 COMMANDS = {"train": cmd_train, "certify": cmd_certify, "analyze": cmd_analyze,

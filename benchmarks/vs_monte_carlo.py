@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Certification time per image: exact DSSN against Yang et al.'s uniform-noise Monte Carlo
+certificate with n = 100,000 samples (the paper's Figure 6), same model, same machine, same
+chunked pipeline and vote kernels, in one run.
+
+    python benchmarks/vs_monte_carlo.py [--quick] [--out DIR] [--device cpu|cuda]
+                                        [--model small|wrn40-2] [--sigmas ...]
+
+For each sigma (q = 255, L = dk.num_variants(sigma) = 220, 441, 883, 1766, 3091 for
+sigma = 0.25, 0.5, 1, 2, 3.5):
+
+* DSSN: ``dk.certify(model, x, sigma=...)`` of B images, median over repetitions,
+  divided by B;
+* Monte Carlo: ``dssn_kernels.baselines.certify_uniform(model, x, sigma=..., n0=64,
+  n=n_timed)`` of one image (B_mc images, divided by B_mc), one timed run after a warm-up.
+  When ``n_timed`` < ``n_reported`` (= 100,000) the reported time is the timed one scaled
+  linearly in the number of forwards, (n0 + n_reported) / (n0 + n_timed); the JSON and
+  the table say so per row (``mc_method``: "measured" or "extrapolated"). By default the
+  small model on a CPU and every model on a GPU are timed at the full n = 100,000; the
+  wrn40-2 on a CPU (about 2 ms per forward) and ``--quick`` extrapolate.
+
+speedup = MC time / DSSN time; the goal is 0.9 * (n0 + n) / L: DSSN must use each forward
+at least 90% as efficiently as Monte Carlo does (``forward_efficiency`` = MC seconds per
+forward / DSSN seconds per forward). Writes vs_monte_carlo.{json,md,png} into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import dssn_kernels as dk  # noqa: E402
+from dssn_kernels.backends import resolve_backend  # noqa: E402
+from dssn_kernels.baselines import certify_uniform  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+STEM = "vs_monte_carlo"
+GOAL_EFFICIENCY = 0.9
+
+
+def measure(args, model, device) -> list[dict]:
+    x = bc.make_images(args.images, args.seed, device)
+    x_mc = bc.make_images(args.mc_images, args.seed, device).float() / bc.Q
+    kw = dict(batch_size=args.batch_size)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # warm-up (lazy initialization, allocator, cudnn autotuning)
+    dk.certify(model, x, L=min(64, args.batch_size), q=bc.Q, backend=args.backend, **kw)
+    certify_uniform(model, x_mc, sigma=1.0, n0=8, n=min(args.batch_size, args.mc_n_timed),
+                    generator=gen, **kw)
+    rows = []
+    for sigma in args.sigmas:
+        L = dk.num_variants(sigma, q=bc.Q)
+        dssn_times = [bc.timed(lambda: dk.certify(model, x, sigma=sigma, q=bc.Q,
+                                                  backend=args.backend, **kw), device)
+                      for _ in range(args.repeats)]
+        dssn = statistics.median(dssn_times) / args.images
+        mc_timed = bc.timed(lambda: certify_uniform(model, x_mc, sigma=sigma, n0=args.n0,
+                                                    n=args.mc_n_timed, generator=gen, **kw),
+                            device) / args.mc_images
+        forwards_timed = args.n0 + args.mc_n_timed
+        forwards_reported = args.n0 + args.mc_n
+        mc = mc_timed * forwards_reported / forwards_timed
+        goal = GOAL_EFFICIENCY * forwards_reported / L
+        speedup = mc / dssn
+        rows.append({
+            "sigma": sigma, "L": L,
+            "dssn_s_per_image": dssn, "dssn_times_s": dssn_times, "dssn_images": args.images,
+            "mc_s_per_image": mc, "mc_s_per_image_timed": mc_timed,
+            "mc_images": args.mc_images, "n0": args.n0,
+            "n_timed": args.mc_n_timed, "n_reported": args.mc_n,
+            "mc_method": "measured" if args.mc_n_timed == args.mc_n else "extrapolated",
+            "dssn_us_per_forward": 1e6 * dssn / L,
+            "mc_us_per_forward": 1e6 * mc_timed / forwards_timed,
+            "forward_efficiency": (mc_timed / forwards_timed) / (dssn / L),
+            "speedup": speedup, "speedup_goal": goal, "meets_goal": speedup >= goal,
+        })
+        print(f"sigma {sigma:g}: L {L}, DSSN {dssn:.4f} s/image, MC {mc:.3f} s/image "
+              f"({rows[-1]['mc_method']}), speedup {speedup:.1f}x (goal {goal:.1f}x)",
+              file=sys.stderr)
+    return rows
+
+
+def markdown(result) -> str:
+    env, rows = result["environment"], result["rows"]
+    extrapolated = [r for r in rows if r["mc_method"] == "extrapolated"]
+    lines = ["# Certification time per image: DSSN vs uniform-noise Monte Carlo (Figure 6)",
+             "", bc.describe_environment(env),
+             f"Forward batch {env['batch_size']}, q = {env['q']}. DSSN: `dk.certify` of "
+             f"{env['images']} image(s), median of {env['repeats']} run(s), per image. "
+             f"Monte Carlo: `certify_uniform` (Yang et al. 2020), n0 = {env['n0']} + "
+             f"n = {env['mc_n']} forwards per image, {env['mc_images']} image(s), one timed "
+             f"run. Goal: speedup >= 0.9 * (n0 + n) / L.", ""]
+    if extrapolated:
+        lines += [f"**Monte Carlo timed with n = {extrapolated[0]['n_timed']} and scaled "
+                  f"linearly to n = {extrapolated[0]['n_reported']}** (per-forward "
+                  f"throughput measured, rows marked `extrapolated`).", ""]
+    else:
+        lines += [f"Monte Carlo timed at the full n = {env['mc_n']} for every sigma.", ""]
+    head = ["sigma", "L", "DSSN (s/image)", "MC (s/image)", "MC method", "speedup",
+            "goal", "meets goal", "us/forward DSSN", "us/forward MC", "forward efficiency"]
+    body = [[f"{r['sigma']:g}", r["L"], f"{r['dssn_s_per_image']:.4f}",
+             f"{r['mc_s_per_image']:.3f}", f"{r['mc_method']} (n = {r['n_timed']})",
+             f"{r['speedup']:.1f}x", f"{r['speedup_goal']:.1f}x",
+             "yes" if r["meets_goal"] else "**no**", f"{r['dssn_us_per_forward']:.2f}",
+             f"{r['mc_us_per_forward']:.2f}", f"{r['forward_efficiency']:.3f}"]
+            for r in rows]
+    lines += bc.md_table(head, body)
+    p = bc.PAPER_SIGMA35_SECONDS
+    lines += ["", f"For reference, the paper (WRN-40-2, CIFAR-10, one RTX 2080 Ti) reports "
+                  f"{p['dssn']} s (DSSN) and {p['uniform_mc']} s (Yang et al.) per image at "
+                  f"sigma 3.5, a {p['uniform_mc'] / p['dssn']:.1f}x speedup."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path: Path) -> str:
+    plt = bc.pyplot()
+    rows, env = result["rows"], result["environment"]
+    sig = [r["sigma"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(sig, [r["mc_s_per_image"] for r in rows], "o-", label="Yang et al. (MC, n=100k)")
+    a.plot(sig, [r["dssn_s_per_image"] for r in rows], "s-", label="DSSN (exact)")
+    a.set_yscale("log")
+    a.set_xlabel("sigma")
+    a.set_ylabel("certification time per image (s)")
+    a.legend()
+    a.grid(True, which="both", alpha=0.3)
+    b.plot(sig, [r["speedup"] for r in rows], "o-", label="measured speedup")
+    b.plot(sig, [r["speedup_goal"] for r in rows], "k--", label="goal 0.9 (n0+n)/L")
+    b.set_yscale("log")
+    b.set_xlabel("sigma")
+    b.set_ylabel("MC time / DSSN time")
+    b.legend()
+    b.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"{env['model_name']} on {env['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 DSSN image, 1 repetition, MC timed with n = 512 "
+                        "and extrapolated")
+    p.add_argument("--out", type=Path, default=bc.DEFAULT_OUT)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--model", choices=bc.MODELS, default="small")
+    p.add_argument("--backend", default="auto", help="DSSN backend (default auto)")
+    p.add_argument("--sigmas", type=float, nargs="+", default=list(bc.FIGURE6_SIGMAS))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="forward batch size, both methods (default 256 on CPU, 1024 on GPU)")
+    p.add_argument("--images", type=int, default=None, help="DSSN images (default 4; quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="DSSN runs (default 3; quick 1)")
+    p.add_argument("--n0", type=int, default=64)
+    p.add_argument("--mc-n", type=int, default=100_000, help="the reported MC sample size n")
+    p.add_argument("--mc-n-timed", type=int, default=None,
+                   help="MC samples actually run (default: --mc-n, except wrn40-2 on CPU: "
+                        "2048 and --quick: 512); the time is scaled to --mc-n")
+    p.add_argument("--mc-images", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    args.device = bc.check_device(args.device)
+    on_gpu = torch.device(args.device).type == "cuda"
+    if args.batch_size is None:
+        args.batch_size = 1024 if on_gpu else 256
+    if args.images is None:
+        args.images = 1 if args.quick else 4
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.mc_n_timed is None:
+        if args.quick:
+            args.mc_n_timed = min(512, args.mc_n)
+        elif args.model == "wrn40-2" and not on_gpu:
+            args.mc_n_timed = min(2048, args.mc_n)
+        else:
+            args.mc_n_timed = args.mc_n
+    if not 1 <= args.mc_n_timed <= args.mc_n:
+        p.error("--mc-n-timed must be in 1..--mc-n")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    model = bc.build_model(args.model, args.seed, device)
+    backend = resolve_backend(args.backend, device)
+    env = bc.environment(device, args.model, model, [backend], batch_size=args.batch_size,
+                         images=args.images, repeats=args.repeats, n0=args.n0,
+                         mc_n=args.mc_n, mc_n_timed=args.mc_n_timed,
+                         mc_images=args.mc_images, mc_alpha=0.001,
+                         mc_backend=resolve_backend("auto", device),
+                         sigmas=list(args.sigmas), quick=args.quick, seed=args.seed)
+    result = {"environment": env, "rows": measure(args, model, device)}
+    md = markdown(result)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    png = None if args.no_plot else plot(result, Path(args.out) / f"{STEM}.png")
+    result["files"] = bc.write_report(args.out, STEM, result, md)
+    if png:
+        result["files"]["png"] = png
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

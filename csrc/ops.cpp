@@ -17,7 +17,7 @@ TORCH_LIBRARY(dssn, m) {
   m.def(
       "vote_(Tensor(a!) counts, Tensor(b!) nan_rows, Tensor logits, int row0, "
       "int rows_per_image) -> ()");
-  // vote_ with a margin tau >= 0 (README, "What exact means under floating point"): a
+  // vote_ with a margin tau >= 0 (README, "What 'exact' means under floating point"): a
   // NaN-free row whose top logit T beats the runner-up U by less than tau (exactly, as
   // reals; a tie counts as gap 0) is ambiguous: it does not vote and adds 1 to
   // ambiguous[image, c] for every class c with T - logit_c < tau. Every other row votes

@@ -115,7 +115,9 @@ cudaError_t launch_vote(int64_t* counts, int64_t* nan_rows, const scalar_t* logi
   return cudaGetLastError();
 }
 
-// Logits read exactly as double (half and bfloat16 through float, exactly).
+// Logits read exactly as double (half and bfloat16 through float, exactly) for the margin
+// test; the scan compares in float (double for double logits), as vote_kernel does, which
+// orders the values exactly as double would.
 __device__ __forceinline__ double to_double(float x) { return double(x); }
 __device__ __forceinline__ double to_double(double x) { return x; }
 __device__ __forceinline__ double to_double(__half x) { return double(__half2float(x)); }
@@ -123,7 +125,10 @@ __device__ __forceinline__ double to_double(__nv_bfloat16 x) {
   return double(__bfloat162float(x));
 }
 
-__device__ __forceinline__ double dmax(double a, double b) { return b > a ? b : a; }
+template <typename acc_t>
+__device__ __forceinline__ acc_t larger(acc_t a, acc_t b) {
+  return b > a ? b : a;
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -132,18 +137,19 @@ __global__ void __launch_bounds__(kThreads)
                        unsigned long long* __restrict__ nan_rows,
                        const scalar_t* __restrict__ logits, int64_t R, int64_t K,
                        int64_t row0, int64_t rows_per_image, double tau) {
+  using acc_t = typename Cmp<scalar_t>::type;
   const int lane = int(threadIdx.x) & (kWarp - 1);
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int64_t warp_step = int64_t(gridDim.x) * warps_per_block;
   for (int64_t r = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; r < R;
        r += warp_step) {
     const scalar_t* row = logits + r * K;
-    double best = 0.0;
-    double runner = -__longlong_as_double(0x7ff0000000000000ll);  // -inf
-    long long arg = K;  // sentinel: loses to any real column
+    acc_t best = acc_t(0);
+    acc_t runner = -acc_t(HUGE_VAL);  // the maximum of the lane's other columns
+    long long arg = K;                // sentinel: loses to any real column
     bool nan = false;
     for (int64_t c = lane; c < K; c += kWarp) {
-      const double v = to_double(row[c]);
+      const acc_t v = to_cmp(row[c]);
       if (isnan(v)) {
         nan = true;
       } else if (arg == K || v > best) {  // columns ascend within a lane: first max wins
@@ -151,13 +157,13 @@ __global__ void __launch_bounds__(kThreads)
         best = v;
         arg = c;
       } else {
-        runner = dmax(runner, v);
+        runner = larger(runner, v);
       }
     }
 #pragma unroll
     for (int off = kWarp / 2; off > 0; off /= 2) {
-      const double other_best = __shfl_down_sync(kFullMask, best, off);
-      const double other_runner = __shfl_down_sync(kFullMask, runner, off);
+      const acc_t other_best = __shfl_down_sync(kFullMask, best, off);
+      const acc_t other_runner = __shfl_down_sync(kFullMask, runner, off);
       const long long other_arg = __shfl_down_sync(kFullMask, arg, off);
       if (other_arg == K) continue;
       if (arg == K) {
@@ -165,22 +171,22 @@ __global__ void __launch_bounds__(kThreads)
         runner = other_runner;
         arg = other_arg;
       } else if (beats(other_best, other_arg, best, arg)) {
-        runner = dmax(dmax(runner, other_runner), best);
+        runner = larger(larger(runner, other_runner), best);
         best = other_best;
         arg = other_arg;
       } else {
-        runner = dmax(dmax(runner, other_runner), other_best);
+        runner = larger(larger(runner, other_runner), other_best);
       }
     }
     nan = __any_sync(kFullMask, nan);
     // lane 0 holds the row's result; every lane needs the top value and the decision
-    best = __shfl_sync(kFullMask, best, 0);
-    const bool amb =
-        __shfl_sync(kFullMask, int(!nan && dssn::margin_below(best, runner, tau)), 0) != 0;
+    const double top = double(__shfl_sync(kFullMask, best, 0));
+    const int ambiguous_here = int(!nan && dssn::margin_below(top, double(runner), tau));
+    const bool amb = __shfl_sync(kFullMask, ambiguous_here, 0) != 0;
     const int64_t image = (row0 + r) / rows_per_image;
     if (amb) {
       for (int64_t c = lane; c < K; c += kWarp) {
-        if (dssn::margin_below(best, to_double(row[c]), tau)) {
+        if (dssn::margin_below(top, to_double(row[c]), tau)) {
           atomicAdd(ambiguous + image * K + c, 1ull);
         }
       }

@@ -40,7 +40,7 @@ def vote_into(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tensor
 
 # --- vote with a margin -----------------------------------------------------------------
 #
-# The rule (identical in every backend; README, "What exact means under floating point"):
+# The rule (identical in every backend; README, "What 'exact' means under floating point"):
 # logits are read exactly as float64 (float16/bfloat16/float32 convert exactly). For a
 # NaN-free row with top value T (first index of the maximum: A) and runner-up value U (the
 # maximum over the other columns; U = T on a tie), and margin tau >= 0:

@@ -55,7 +55,9 @@ class Prediction:
         with a margin, ambiguous variants vote for no class).
     evaluated: LongTensor[B], variants evaluated (1..L).
     counts: LongTensor[B, K], the votes of the evaluated variants; ambiguous: the
-        ambiguous counts of those variants (margin > 0), else None.
+        ambiguous counts of those variants (margin > 0), else None. (K = num_classes
+        when the model never ran: certify_at with a radius out of reach and
+        settle_prediction=False; K = 0 if num_classes was not given either.)
     num_variants: L; q; backend: the backend that ran; margin: the vote margin.
     """
     prediction: torch.Tensor
@@ -247,7 +249,7 @@ class _Run:
         finally:
             torch.backends.cudnn.benchmark = previous_benchmark
         if counts is None:  # every image was decided before any variant ran
-            K = K or 2
+            K = K or 0      # the model never ran: K unknown unless num_classes was given
             counts = torch.zeros((B, K), dtype=torch.int64, device=device)
             if self.margin > 0:
                 ambiguous = torch.zeros((B, K), dtype=torch.int64, device=device)
@@ -340,8 +342,9 @@ def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0,
                       cudnn_benchmark=cudnn_benchmark, steps=steps,
                       settle_prediction=settle_prediction)
     counts, ambiguous, evaluated = run.run()
-    c = counts.cpu()
-    a = ambiguous.cpu() if ambiguous is not None else None
+    c = counts.cpu() if counts.shape[1] else torch.zeros((counts.shape[0], 2), dtype=torch.int64)
+    a = torch.zeros_like(c) if ambiguous is not None and not ambiguous.shape[1] else \
+        ambiguous.cpu() if ambiguous is not None else None
     m = torch.from_numpy(run.L - evaluated)
     yes, no = run._yes_no(c, a, m)
     known = yes | decisions.prediction_settled(c, m)

@@ -272,9 +272,12 @@ def test_certify_at_equals_full_certificate(data):
     assert sum(model.calls) == int(dec.evaluated.sum())
     # the counts returned are the votes of the first `evaluated` variants in that order
     votes, _ = per_variant(model, x, L, q, 0.0, opts["order"])
-    for b in range(x.shape[0]):
-        e = int(dec.evaluated[b])
-        assert torch.equal(dec.counts[b], votes[b, :e].sum(0))
+    if not bool((dec.evaluated == 0).all()):
+        for b in range(x.shape[0]):
+            e = int(dec.evaluated[b])
+            assert torch.equal(dec.counts[b], votes[b, :e].sum(0))
+    else:   # decided before any variant ran (radius out of reach, settle_prediction=False)
+        assert dec.counts.shape == (x.shape[0], 0) and not settle
     assert dec.ambiguous is None
 
 
@@ -290,7 +293,7 @@ def test_certify_at_with_margin_equals_full_certificate(data):
                         settle_prediction=settle, **opts)
     check_decision(dec, cert, radius, L, settle)
     votes, amb = per_variant(model, x, L, q, margin, opts["order"])
-    for b in range(x.shape[0]):
+    for b in range(x.shape[0] if dec.counts.shape[1] else 0):
         e = int(dec.evaluated[b])
         assert torch.equal(dec.counts[b], votes[b, :e].sum(0))
         assert torch.equal(dec.ambiguous[b], amb[b, :e].sum(0))
@@ -408,6 +411,9 @@ def test_radius_out_of_reach_stops_before_any_variant():
     assert calls == [] and dec.evaluated.tolist() == [0, 0]
     assert dec.certified.tolist() == [False, False] and dec.prediction.tolist() == [-1, -1]
     assert dec.steps_required == 20
+    assert dec.counts.shape == (2, 0)          # the model never ran: K unknown
+    dec = dk.certify_at(model, x, 5.0, L=10, q=4, settle_prediction=False, num_classes=4)
+    assert dec.counts.tolist() == [[0] * 4] * 2
     dec = dk.certify_at(model, x, 5.0, L=10, q=4)          # goes on to settle the prediction
     assert dec.prediction.tolist() == [1, 1] and dec.certified.tolist() == [False, False]
 

@@ -15,7 +15,9 @@ Steps (each writes <name>.json and <name>.md into --out, the first two a PNG too
   probes): the naive pipeline against the fused one on WRN-40-2 (``--quick`` on a CPU: the
   ``wide`` CNN, 4x the small one's channels);
 * ``micro_ops`` (pytest benchmarks/test_micro_ops.py --benchmark-only): the expand and
-  vote ops of every available backend; micro_ops.json is pytest-benchmark's JSON.
+  vote ops of every available backend; micro_ops.json is pytest-benchmark's JSON;
+* ``early_exit`` (early_exit.py, in a subprocess): variants evaluated and time of the
+  early-exit ``certify_at`` / ``predict`` against the full certificate.
 
 Then summary.json (environment, steps, files, seconds, errors) and summary.md (every
 report in one page). ``--quick`` runs everything small (well under a minute on 2 CPU
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 
-STEPS = ("vs_monte_carlo", "overhead", "overhead_large", "micro_ops")
+STEPS = ("vs_monte_carlo", "overhead", "overhead_large", "micro_ops", "early_exit")
 LARGE_MODEL = "wrn40-2"
 
 
@@ -133,6 +135,23 @@ def step_micro_ops(args) -> dict:
     (out / "micro_ops.md").write_text(md)
     print(md)
     return {"json": str(raw), "md": str(out / "micro_ops.md")}
+
+
+def step_early_exit(args) -> dict:
+    script = HERE / "early_exit.py"
+    out = Path(args.out)
+    cmd = [sys.executable, str(script), "--out", str(out), "--device", args.device]
+    cmd += ["--quick"] if args.quick else []
+    env = dict(os.environ)
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
+                          check=False)
+    print(proc.stdout[-6000:], file=sys.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {"json": str(out / "early_exit.json"), "md": str(out / "early_exit.md")}
 
 
 def parse_args(argv=None):

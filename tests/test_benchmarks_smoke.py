@@ -62,7 +62,7 @@ def backends():
 def test_summary(suite):
     out, summary = suite
     assert list(summary["steps"]) == ["vs_monte_carlo", "overhead", "overhead_large",
-                                      "micro_ops"]
+                                      "micro_ops", "early_exit"]
     assert all(s["ok"] for s in summary["steps"].values()), summary["steps"]
     data = json.loads((out / "summary.json").read_text())
     assert data["quick"] is True and data["device"] == "cpu" and data["model"] == "small"
@@ -72,7 +72,9 @@ def test_summary(suite):
             assert Path(path).is_file() and Path(path).stat().st_size > 0, path
     md = (out / "summary.md").read_text()
     assert md.startswith("# DSSN benchmark suite (quick)")
-    assert check_tables(md) >= 6
+    assert check_tables(md) >= 7
+    assert check_tables((out / "early_exit.md").read_text()) >= 1
+    assert "environment" in json.loads((out / "early_exit.json").read_text())
 
 
 def test_vs_monte_carlo(suite):

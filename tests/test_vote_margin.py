@@ -11,6 +11,8 @@ decides), infinities, signed zeros and NaN rows. The CUDA kernel is compile-chec
 """
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dssn_kernels as dk
 import dssn_reference as ref
@@ -195,3 +197,30 @@ def test_kernels_reject_bad_arguments(backend):
         vote_margin_into(counts, amb, nan, logits, 0, 1, 1.0, backend)   # past the last image
     with pytest.raises((ValueError, RuntimeError)):
         vote_margin_into(counts, amb, nan, logits, 0, 2, -1.0, backend)
+
+
+VALUES = [-2.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0 + 2 ** -7, 1.0 + 2 ** -10,
+          float("inf"), float("-inf")]
+
+
+@given(data=st.data(), K=st.integers(2, 7), R=st.integers(1, 12),
+       dtype=st.sampled_from(DTYPES), tau=st.sampled_from([0.0, 2 ** -10, 2 ** -7, 0.25, 0.5,
+                                                          0.75, 1.0, 2.5]))
+def test_random_ties_match_reference(data, K, R, dtype, tau):
+    """Logits drawn from a few values whose gaps hit tau exactly and by one ulp."""
+    cells = data.draw(st.lists(st.sampled_from(VALUES), min_size=R * K,
+                               max_size=R * K))
+    logits = torch.tensor(cells, dtype=torch.float64).view(R, K).to(dtype)
+    nan_row = data.draw(st.integers(-1, R - 1))
+    if nan_row >= 0:
+        logits[nan_row, data.draw(st.integers(0, K - 1))] = float("nan")
+    rpi = data.draw(st.integers(1, R + 2))
+    row0 = data.draw(st.integers(0, 5))
+    B = (row0 + R - 1) // rpi + 1
+    zeros = torch.zeros(B, K, dtype=torch.long), torch.zeros(B, K, dtype=torch.long), \
+        torch.zeros(1, dtype=torch.long)
+    want = expected(*zeros, logits, row0, rpi, tau)
+    for backend in BACKENDS:
+        got = run(backend, *zeros, logits, row0, rpi, tau)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), backend

@@ -125,7 +125,7 @@ def step_micro_ops(args) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     data = json.loads(raw.read_text())
-    skipped = {b: r for b in micro.BACKENDS if (r := micro._skip_reason(b))}
+    skipped = micro.skip_reasons()
     ran = sorted({b.get("extra_info", {}).get("backend") for b in data.get("benchmarks", [])})
     environment = bc.environment(args.device, None, None, ran, quick=args.quick,
                                  skipped=skipped)

@@ -15,33 +15,38 @@ import torch
 import dssn_kernels as dk
 from dssn_kernels.backends import available_backends
 from dssn_kernels.ops import expand_into, vote_into
+from dssn_kernels.triton import triton_available
 
 Q = 255
 SIGMA = 1.0
 ROWS = 256
 SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
-BACKENDS = ("torch", "cpp", "triton", "cuda")
+# (backend, device): every backend where it can run; torch on the GPU too when there is one
+CASES = (("torch", "cpu"), ("cpp", "cpu"), ("triton", "cpu"), ("torch", "cuda"),
+         ("cuda", "cuda"), ("triton", "cuda"))
 
 
-def _device_for(backend: str) -> str:
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) \
-        else "cpu"
-
-
-def _skip_reason(backend: str):
-    device = _device_for(backend)
+def _skip_reason(backend: str, device: str):
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"no CUDA GPU here, so no {backend!r} on cuda"
     if backend not in available_backends(device):
-        return f"backend {backend!r} is not available on {device} here"
+        why = triton_available(device)[1] if backend == "triton" else "not built here"
+        return f"backend {backend!r} is not available on {device}: {why}"
     if backend == "triton" and device == "cpu":
-        return ("triton runs in its CPU interpreter here (TRITON_INTERPRET=1), about 1 ms per "
-                "program: not a measurement of the kernels")
+        return ("triton on CPU tensors runs in its interpreter (TRITON_INTERPRET=1), about "
+                "1 ms per program: not a measurement of the kernels")
     return None
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    reason = _skip_reason(request.param)
+def skip_reasons() -> dict:
+    """{"backend-device": why it is skipped} for the cases that do not run here."""
+    return {f"{b}-{d}": r for b, d in CASES if (r := _skip_reason(b, d))}
+
+
+@pytest.fixture(params=CASES, ids=[f"{b}-{d}" for b, d in CASES])
+def case(request):
+    reason = _skip_reason(*request.param)
     if reason:
         pytest.skip(reason)
     return request.param
@@ -52,8 +57,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def test_expand(benchmark, backend):
-    device = _device_for(backend)
+def test_expand(benchmark, case):
+    backend, device = case
     L = dk.num_variants(SIGMA, q=Q)
     d = SHAPE[0] * SHAPE[1] * SHAPE[2]
     g = torch.Generator().manual_seed(0)
@@ -72,8 +77,8 @@ def test_expand(benchmark, backend):
     assert torch.equal(out.cpu().view(1, ROWS, -1), ref.view(1, ROWS, -1))
 
 
-def test_vote(benchmark, backend):
-    device = _device_for(backend)
+def test_vote(benchmark, case):
+    backend, device = case
     L = dk.num_variants(SIGMA, q=Q)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(ROWS, NUM_CLASSES, generator=g).to(device)

@@ -157,7 +157,7 @@ def test_micro_ops(suite):
     out, _ = suite
     data = json.loads((out / "micro_ops.json").read_text())
     names = {b["name"] for b in data["benchmarks"]}
-    assert names == {f"test_{op}[{b}]" for op in ("expand", "vote") for b in backends()}
+    assert names == {f"test_{op}[{b}-cpu]" for op in ("expand", "vote") for b in backends()}
     env = data["dssn_environment"]
     for key in ("device_name", "torch", "triton", "backends"):
         assert key in env, key

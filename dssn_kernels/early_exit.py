@@ -132,6 +132,18 @@ def _runs(perm: np.ndarray, pos: int, count: int):
         yield int(seg[a]), int(b - a)
 
 
+def _groups(segments):
+    """Merges segments (image, position, count) of consecutive images with the same
+    position and count into (first image, number of images, position, count)."""
+    out = []
+    for b, pos, take in segments:
+        if out and out[-1][0] + out[-1][1] == b and out[-1][2:] == (pos, take):
+            out[-1] = (out[-1][0], out[-1][1] + 1, pos, take)
+        else:
+            out.append((b, 1, pos, take))
+    return out
+
+
 def _check_chunk_size(chunk_size):
     if chunk_size is None:
         return None
@@ -208,13 +220,24 @@ class _Run:
                             break
                     image_of_row = np.empty(rows, dtype=np.int64)
                     row = 0
-                    for b, pos, take in segments:
+                    for b, n_img, pos, take in _groups(segments):
+                        # n_img consecutive images, each at the same position of the order
+                        block = workspace[row:row + n_img * take].view(n_img, take, d)
+                        col = 0
                         for start, n in _runs(self.perm, pos, take):
-                            expand_into(workspace[row:row + n].view(1, n, d),
-                                        self.levels[b:b + 1], self.offsets, L, self.q, start,
-                                        self.backend)
-                            row += n
-                        image_of_row[row - take:row] = b
+                            out = block[:, col:col + n]
+                            if n_img > 1 and n < take:   # expand needs a contiguous [n, count, d]
+                                tmp = torch.empty((n_img, n, d), dtype=block.dtype, device=device)
+                                expand_into(tmp, self.levels[b:b + n_img], self.offsets, L,
+                                            self.q, start, self.backend)
+                                out.copy_(tmp)
+                            else:
+                                expand_into(out, self.levels[b:b + n_img], self.offsets, L,
+                                            self.q, start, self.backend)
+                            col += n
+                        image_of_row[row:row + n_img * take] = np.repeat(
+                            np.arange(b, b + n_img), take)
+                        row += n_img * take
                     logits = self.call(self.model, workspace[:rows].view(rows, *self.shape))
                     check_logits(logits, rows, K)
                     if counts is None:

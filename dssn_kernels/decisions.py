@@ -72,7 +72,9 @@ def required_steps(radius, q: int) -> int:
     if exact < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
     steps = math.ceil(exact * q)
-    if not isinstance(radius, Rational):   # match float64 steps / q >= radius
+    # match float64 steps / q >= radius (beyond 2**60 steps no certificate reaches it:
+    # L < 2**21, and float(steps) could overflow)
+    if not isinstance(radius, Rational) and steps < 2 ** 60:
         while steps > 0 and float(steps - 1) / float(q) >= float(radius):
             steps -= 1
     return int(steps)
@@ -100,6 +102,13 @@ def _remaining(remaining, counts) -> torch.Tensor:
     return m.expand(counts.shape[0]) if m.dim() == 0 else m
 
 
+def _steps(steps):
+    """Steps as used against int64 counts: values past 2**60 act alike (no count reaches)."""
+    if isinstance(steps, torch.Tensor):
+        return steps.long()
+    return min(int(steps), 2 ** 60)
+
+
 def prediction_settled(counts: torch.Tensor, remaining) -> torch.Tensor:
     """Bool [B]: no outcome of the ``remaining`` variants can change argmax(counts)."""
     counts = counts.long()
@@ -114,6 +123,7 @@ def certified_settled(counts: torch.Tensor, remaining, steps,
     """Bool [B]: every outcome certifies the current leader at ``steps`` (so the final
     prediction is the current leader and it is certified)."""
     counts = counts.long()
+    steps = _steps(steps)
     m = _remaining(remaining, counts)
     A = leader(counts)
     rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
@@ -124,6 +134,7 @@ def uncertifiable(counts: torch.Tensor, remaining, steps,
                   ambiguous: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B]: no outcome of the remaining variants certifies any class at ``steps``."""
     counts = counts.long()
+    steps = _steps(steps)
     m = _remaining(remaining, counts)
     possible = counts + m[:, None] - best_rival(counts, ambiguous) >= 2 * steps
     return ~possible.any(dim=1)
@@ -145,6 +156,7 @@ def full_decision(counts: torch.Tensor, steps, ambiguous: torch.Tensor | None = 
     (lowest index on ties), certified <=> N_A - max_{c != A}(N_c + amb_c + [c < A]) >= 2r.
     Without ``ambiguous`` this is ``certified_steps(counts)[1] >= steps``."""
     counts = counts.long()
+    steps = _steps(steps)
     A = leader(counts)
     rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
     return A, counts.gather(1, A[:, None])[:, 0] - rival >= 2 * steps
@@ -176,6 +188,7 @@ def more_needed_certify(counts: torch.Tensor, remaining, steps,
     >= 2r) and lowers N_X + m - rival_X by at most 2 (uncertifiable needs it < 2r for
     every X)."""
     counts = counts.long()
+    steps = _steps(steps)
     m = _remaining(remaining, counts)
     rival = best_rival(counts, ambiguous)
     need_yes = _halves(2 * steps - (counts - m[:, None] - rival)).min(dim=1).values

@@ -158,6 +158,7 @@ def test_required_steps_exact_values():
     assert rs(np.nextafter(0.2, 1), 5) == 2
     assert rs(np.float32(0.5), 4) == 2
     assert rs(1e-300, 255) == 1
+    assert rs(1e307, 255) > 2 ** 60 and rs(10 ** 400, 3) == 3 * 10 ** 400
 
 
 @pytest.mark.parametrize("q", [1, 3, 5, 7, 10, 16, 255, 1000])
@@ -414,6 +415,8 @@ def test_radius_out_of_reach_stops_before_any_variant():
     assert dec.counts.shape == (2, 0)          # the model never ran: K unknown
     dec = dk.certify_at(model, x, 5.0, L=10, q=4, settle_prediction=False, num_classes=4)
     assert dec.counts.tolist() == [[0] * 4] * 2
+    huge = dk.certify_at(model, x, 1e300, L=10, q=4, settle_prediction=False)
+    assert huge.certified.tolist() == [False, False] and huge.evaluated.tolist() == [0, 0]
     dec = dk.certify_at(model, x, 5.0, L=10, q=4)          # goes on to settle the prediction
     assert dec.prediction.tolist() == [1, 1] and dec.certified.tolist() == [False, False]
 

@@ -4,6 +4,11 @@ image under DSSN noise next to uniform additive noise, the paper's Figure 3).
 
 An image counts as certified at radius R when the smoothed prediction is correct and its
 certified radius is >= R (DSSN certificates include the boundary: see DESIGN.md).
+``correct`` is the result file's column: the prediction (the argmax of the votes) equals
+the label, whatever the radius; clean accuracy is its mean. Files certified with a margin
+(results.py) have rows with a negative radius (-1/q): the prediction is not certified
+even at radius 0, so such a row is certified at no radius, 0 included, though it may
+still count as correct (clean accuracy).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .results import ResultsError, read_results
+from .results import ResultsError, meta_margin, read_results
 
 TABLE1_RADII = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)   # the paper's Table 1 (q = 255)
 RADIUS_TOLERANCE = 1e-9  # radii are steps/q; a typed radius may differ in the last bits
@@ -31,6 +36,7 @@ class Result:
     radius: np.ndarray
     correct: np.ndarray
     time: np.ndarray
+    margin: float = 0.0
 
     @property
     def q(self) -> int | None:
@@ -58,15 +64,22 @@ class Result:
     def clean_accuracy(self) -> float:
         return float(self.correct.mean()) if len(self) else float("nan")
 
+    def certified(self) -> np.ndarray:
+        """Bool per image: certified at radius 0 (radius >= 0; a negative radius marks a
+        prediction a margin left uncertified)."""
+        return self.radius >= 0
+
     def certified_accuracy(self, radius: float) -> float:
+        """Fraction of images correct with certified radius >= ``radius`` (never those of
+        negative radius, whatever ``radius``)."""
         if not len(self):
             return float("nan")
-        ok = self.correct & (self.radius >= radius - RADIUS_TOLERANCE)
+        ok = self.correct & self.certified() & (self.radius >= radius - RADIUS_TOLERANCE)
         return float(ok.mean())
 
     def curve(self):
         """(radii, certified accuracy): the step function's corners, from radius 0."""
-        r = np.unique(np.concatenate([[0.0], self.radius[self.correct]]))
+        r = np.unique(np.concatenate([[0.0], self.radius[self.correct & self.certified()]]))
         return r, np.array([self.certified_accuracy(x) for x in r])
 
 
@@ -87,7 +100,8 @@ def load_result(path, label: str | None = None) -> Result:
         idx=np.array([r.idx for r in rows], dtype=np.int64),
         radius=np.array([r.radius for r in rows], dtype=np.float64),
         correct=np.array([bool(r.correct) for r in rows], dtype=bool),
-        time=np.array([r.time for r in rows], dtype=np.float64))
+        time=np.array([r.time for r in rows], dtype=np.float64),
+        margin=meta_margin(rf.meta))
 
 
 def parse_result_arg(arg: str) -> tuple[str | None, str]:
@@ -201,6 +215,13 @@ def analyze(paths, radii=None, decimals: int = 1) -> str:
     if len(qs) > 1:
         parts.append(f"_Note: the files differ in q ({sorted(qs)}): radii are all on the [0, 1] "
                      "scale._\n")
+    for r in results:
+        if r.margin > 0:
+            n = int((~r.certified()).sum())
+            parts.append(f"_Note: {Path(r.path).name} was certified with margin τ={r.margin:g}: "
+                         f"{n} of {len(r)} predictions are not certified even at radius 0 and "
+                         "count at no radius (clean accuracy counts every correct "
+                         "prediction)._\n")
     parts.append("Certified accuracy (correct and certified L1 radius ≥ ρ, [0, 1] scale):\n")
     parts.append(accuracy_table(results, radii, decimals))
     parts.append("\nBest certified accuracy over σ (clean accuracy and σ of that classifier), "

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.distributed backend under torchrun (default: nccl on GPU, gloo on CPU)")
     c.add_argument("--overwrite", action="store_true",
                    help="discard an existing result file instead of resuming it")
+    c.add_argument("--margin", type=float, default=0.0, metavar="TAU",
+                   help="vote margin tau >= 0 (default 0: off): a variant whose top logit beats "
+                        "the runner-up by less than TAU votes for no class and counts against "
+                        "the prediction, so the certificate survives logit changes below TAU/2 "
+                        "(another GPU, batch size, TF32...). The file records TAU and the "
+                        "ambiguous counts (columns num_ambiguous, ambiguous); radius -1/q marks "
+                        "an image not certified even at radius 0. Resuming needs the same TAU")
     c.add_argument("--no-progress", action="store_true")
 
     a = sub.add_parser("analyze", help="certified accuracy tables (markdown) from result files",
@@ -179,12 +186,15 @@ def cmd_certify(args) -> int:
         data_root=args.data_root, skip=args.skip, max_index=args.max_index, sigma=args.sigma,
         lam=args.lam, q=args.q, seed=args.seed, batch_size=args.batch_size,
         images_per_batch=args.images_per_batch, backend=args.backend, device=args.device,
-        overwrite=args.overwrite, progress=not args.no_progress, dist_backend=args.dist_backend)
+        overwrite=args.overwrite, progress=not args.no_progress, dist_backend=args.dist_backend,
+        margin=args.margin)
     if res["rank"] == 0:
         ranks = f" over {res['world_size']} ranks" if res["world_size"] > 1 else ""
         print(f"certified {res['certified_here']} images{ranks} in {res['seconds']:.1f}s "
               f"(rank 0); {res['rows']} rows in {res['out']}, clean accuracy "
-              f"{100 * res['clean_accuracy']:.1f}%")
+              f"{100 * res['clean_accuracy']:.1f}%"
+              + (f"; margin {res['margin']:g}: {res['not_certified']} not certified even at "
+                 "radius 0" if res["margin"] > 0 else ""))
     return 0
 
 

@@ -10,15 +10,31 @@ Layout::
 
 ``radius`` is the certified L1 radius on the [0, 1] scale, steps/q, written as the
 shortest decimal that reads back to the same float64; ``time`` the seconds spent per
-image (the batch's wall time divided by its images); ``counts`` the L votes per class.
+image (the batch's wall time divided by its images); ``counts`` the L votes per class;
+``correct`` is 1 when predict == label, whatever the radius.
+
+With a margin tau > 0 (``dssn certify --margin TAU``, ``certify(..., margin=tau)``) the
+header also holds ``"margin": tau`` and every row two more columns::
+
+    # dssn-results/1 {"checkpoint_sha256": "...", "dataset": {...}, "margin": 0.05, "spec": {...}}
+    idx	label	predict	radius	correct	time	counts	num_ambiguous	ambiguous
+    0	3	3	0.6875	1	0.000412	0,0,0,25,0,0,0,0,0,0	2	0,0,0,2,0,2,0,0,0,0
+
+``num_ambiguous`` is the number of variants whose top logit beat the runner-up by less
+than tau (they vote for no class, so sum(counts) + num_ambiguous == L) and ``ambiguous``
+the per-class counts of the classes each of them could win (Certificate.ambiguous). The
+radius follows the margin rule (certify.certified_steps) and is -1/q where the
+prediction is not certified even at radius 0. Without a margin (tau = 0) the header has
+no ``margin`` key and the rows have the seven columns above: the format is unchanged.
 
 Rules, checked whenever a file is read: the first line is the header and must match the
-run (else the file belongs to another checkpoint, spec or data split: refused, nothing
-touched); every row parses, its counts sum to L over num_classes classes, and its
-prediction, radius and correct flag are those the counts and label give (else refused
-as corrupt, naming the line); no index appears twice. A last line without its newline is
-a write torn by a crash: on resume it is dropped (the file is truncated to its last
-complete line, with a warning) and that image is certified again.
+run (else the file belongs to another checkpoint, spec, data split or margin: refused,
+nothing touched); every row parses, its counts (plus num_ambiguous under a margin) sum
+to L over num_classes classes, and its prediction, radius and correct flag are those the
+counts, ambiguous counts and label give (else refused as corrupt, naming the line); no
+index appears twice. A last line without its newline is a write torn by a crash: on
+resume it is dropped (the file is truncated to its last complete line, with a warning)
+and that image is certified again.
 """
 from __future__ import annotations
 
@@ -31,7 +47,24 @@ from pathlib import Path
 FORMAT = "dssn-results/1"
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "counts")
 COLUMN_LINE = "\t".join(COLUMNS)
+MARGIN_COLUMNS = COLUMNS + ("num_ambiguous", "ambiguous")   # files certified with a margin
+MARGIN_COLUMN_LINE = "\t".join(MARGIN_COLUMNS)
 HEADER_PREFIX = f"# {FORMAT} "
+
+
+def meta_margin(meta: dict) -> float:
+    """The margin tau a header records (0 when it has none: a file without a margin)."""
+    m = meta.get("margin", 0) if isinstance(meta, dict) else 0
+    return float(m) if isinstance(m, (int, float)) and not isinstance(m, bool) else 0.0
+
+
+def columns_for(meta: dict) -> tuple:
+    """The columns of a file with this header: MARGIN_COLUMNS under a margin."""
+    return MARGIN_COLUMNS if meta_margin(meta) > 0 else COLUMNS
+
+
+def column_line(meta: dict) -> str:
+    return "\t".join(columns_for(meta))
 
 
 class ResultsError(ValueError):
@@ -47,57 +80,98 @@ class Row:
     correct: int
     time: float
     counts: tuple
+    num_ambiguous: int | None = None   # margin files only
+    ambiguous: tuple | None = None     # margin files only
 
     def line(self) -> str:
-        return format_row(self.idx, self.label, self.predict, self.radius, self.time, self.counts)
+        return format_row(self.idx, self.label, self.predict, self.radius, self.time, self.counts,
+                          num_ambiguous=self.num_ambiguous, ambiguous=self.ambiguous)
 
     def key(self) -> tuple:
         """Everything but the time: equal keys mean the same certificate."""
-        return (self.idx, self.label, self.predict, self.radius, self.correct, self.counts)
+        return (self.idx, self.label, self.predict, self.radius, self.correct, self.counts,
+                self.num_ambiguous, self.ambiguous)
 
 
-def format_row(idx: int, label: int, predict: int, radius: float, seconds: float, counts) -> str:
+def format_row(idx: int, label: int, predict: int, radius: float, seconds: float, counts, *,
+               num_ambiguous=None, ambiguous=None) -> str:
+    """One row line. ``num_ambiguous`` and ``ambiguous`` (per-class counts) are the two
+    extra columns of a file certified with a margin: give both or neither."""
+    if (num_ambiguous is None) != (ambiguous is None):
+        raise ValueError("give both num_ambiguous and ambiguous (a margin row) or neither")
     correct = int(int(predict) == int(label))
-    return (f"{int(idx)}\t{int(label)}\t{int(predict)}\t{float(radius)!r}\t{correct}\t"
-            f"{float(seconds):.6f}\t{','.join(str(int(c)) for c in counts)}\n")
+    line = (f"{int(idx)}\t{int(label)}\t{int(predict)}\t{float(radius)!r}\t{correct}\t"
+            f"{float(seconds):.6f}\t{','.join(str(int(c)) for c in counts)}")
+    if num_ambiguous is not None:
+        line += f"\t{int(num_ambiguous)}\t{','.join(str(int(c)) for c in ambiguous)}"
+    return line + "\n"
 
 
 def header_line(meta: dict) -> str:
     return HEADER_PREFIX + json.dumps(meta, sort_keys=True, separators=(", ", ": ")) + "\n"
 
 
-def expected_certificate(counts, q: int) -> tuple[int, float]:
-    """(prediction, radius) from one row of votes: DESIGN.md's certificate, in integers."""
+def expected_certificate(counts, q: int, ambiguous=None) -> tuple[int, float]:
+    """(prediction, radius) from one row of votes: DESIGN.md's certificate, in integers.
+    With the per-class ``ambiguous`` counts of a margin vote: the margin rule of
+    certify.certified_steps, radius -1/q where not certified even at radius 0."""
     top = max(range(len(counts)), key=lambda c: (counts[c], -c))
-    runner = max((c for c in range(len(counts)) if c != top), key=lambda c: (counts[c], -c))
-    steps = (counts[top] - counts[runner] - (1 if runner < top else 0)) // 2
-    return top, steps / q
+    if ambiguous is None:
+        runner = max((c for c in range(len(counts)) if c != top), key=lambda c: (counts[c], -c))
+        steps = (counts[top] - counts[runner] - (1 if runner < top else 0)) // 2
+        return top, steps / q
+    steps = min((counts[top] - counts[c] - ambiguous[c] - (1 if c < top else 0)) // 2
+                for c in range(len(counts)) if c != top)
+    return top, max(steps, -1) / q
 
 
-def parse_row(line: str, where: str) -> Row:
+def _ints(text: str) -> tuple:
+    return tuple(int(c) for c in text.split(","))
+
+
+def parse_row(line: str, where: str, columns: tuple = COLUMNS) -> Row:
+    """A row line of a file with these ``columns`` (COLUMNS, or MARGIN_COLUMNS)."""
     parts = line.rstrip("\n").split("\t")
-    if len(parts) != len(COLUMNS):
-        raise ResultsError(f"{where}: expected {len(COLUMNS)} tab-separated columns "
-                           f"({' '.join(COLUMNS)}), got {len(parts)}: {line.rstrip()[:80]!r}")
+    if len(parts) != len(columns):
+        raise ResultsError(f"{where}: expected {len(columns)} tab-separated columns "
+                           f"({' '.join(columns)}), got {len(parts)}: {line.rstrip()[:80]!r}")
     try:
         idx, label, predict, correct = (int(parts[i]) for i in (0, 1, 2, 4))
         radius, seconds = float(parts[3]), float(parts[5])
-        counts = tuple(int(c) for c in parts[6].split(","))
+        counts = _ints(parts[6])
+        num_ambiguous = ambiguous = None
+        if len(parts) > len(COLUMNS):
+            num_ambiguous, ambiguous = int(parts[7]), _ints(parts[8])
     except ValueError:
         raise ResultsError(f"{where}: unreadable row {line.rstrip()[:80]!r}") from None
-    return Row(idx, label, predict, radius, correct, seconds, counts)
+    return Row(idx, label, predict, radius, correct, seconds, counts, num_ambiguous, ambiguous)
 
 
 def check_row(row: Row, spec: dict, where: str) -> None:
     L, q, k = spec.get("L"), spec.get("q"), spec.get("num_classes")
+    margin = row.num_ambiguous is not None
     if row.idx < 0 or row.label < 0 or any(c < 0 for c in row.counts):
         raise ResultsError(f"{where}: negative index, label or count")
     if k is not None and len(row.counts) != k:
         raise ResultsError(f"{where}: {len(row.counts)} vote counts, expected {k} classes")
-    if L is not None and sum(row.counts) != L:
+    if margin:
+        n, amb = row.num_ambiguous, row.ambiguous
+        if n < 0 or any(c < 0 for c in amb):
+            raise ResultsError(f"{where}: negative ambiguous count")
+        if len(amb) != len(row.counts):
+            raise ResultsError(f"{where}: {len(amb)} ambiguous counts, expected one per class "
+                               f"({len(row.counts)})")
+        # each ambiguous variant could go to at least two classes, and is one variant
+        if any(c > n for c in amb) or sum(amb) < 2 * n:
+            raise ResultsError(f"{where}: ambiguous counts {','.join(map(str, amb))} do not fit "
+                               f"num_ambiguous={n} (each at most it, summing to at least 2x it)")
+        if L is not None and sum(row.counts) + n != L:
+            raise ResultsError(f"{where}: the votes sum to {sum(row.counts)} plus "
+                               f"num_ambiguous={n}, expected L={L}")
+    elif L is not None and sum(row.counts) != L:
         raise ResultsError(f"{where}: the votes sum to {sum(row.counts)}, expected L={L}")
     if q is not None and len(row.counts) >= 2:
-        pred, radius = expected_certificate(row.counts, q)
+        pred, radius = expected_certificate(row.counts, q, row.ambiguous)
         if (row.predict, row.radius) != (pred, radius):
             raise ResultsError(f"{where}: predict={row.predict} radius={row.radius!r} do not "
                                f"follow from the counts (predict={pred} radius={radius!r})")
@@ -156,6 +230,12 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
             raise ValueError("not an object")
     except ValueError as exc:
         raise ResultsError(f"{path} is corrupt: line 1 has an unreadable header ({exc})") from None
+    if expect_meta is not None and meta_margin(meta) != meta_margin(expect_meta):
+        raise ResultsError(f"{path} holds results certified with --margin "
+                           f"{meta_margin(meta):g}, this run uses --margin "
+                           f"{meta_margin(expect_meta):g}; nothing was changed: rerun with "
+                           f"--margin {meta_margin(meta):g} to resume it, choose another --out, "
+                           "or pass --overwrite to replace it")
     if expect_meta is not None and meta != expect_meta:
         diffs = "; ".join(_diff(meta, expect_meta)) or "header differs"
         raise ResultsError(f"{path} holds results of a different run ({diffs}); nothing was "
@@ -166,16 +246,17 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
         if not allow_torn:
             raise ResultsError(f"{path} is corrupt: line {len(lines) + 1} is incomplete "
                                f"(a torn write?): {torn[:60]!r}")
-    if len(lines) < 2 or lines[1].rstrip("\n") != COLUMN_LINE:
+    columns = columns_for(meta)
+    if len(lines) < 2 or lines[1].rstrip("\n") != "\t".join(columns):
         if len(lines) >= 2 or torn is None:
             raise ResultsError(f"{path} is corrupt: line 2 must be the column header "
-                               f"{COLUMN_LINE!r}")
+                               f"{chr(9).join(columns)!r}")
     spec = meta.get("spec", {}) if isinstance(meta.get("spec"), dict) else {}
     out = ResultsFile(path=path, meta=meta, torn=torn)
     seen = {}
     for n, line in enumerate(lines[2:], start=3):
         where = f"{path} is corrupt: line {n}"
-        row = parse_row(line, where)
+        row = parse_row(line, where, columns)
         check_row(row, spec, where)
         if row.idx in seen:
             raise ResultsError(f"{where}: index {row.idx} already on line {seen[row.idx]}")
@@ -197,7 +278,7 @@ class ResultsWriter:
         self._f = open(self.path, "a", encoding="utf-8", newline="\n")
         self.rows_written = 0
         if new:
-            self._f.write(header_line(meta) + COLUMN_LINE + "\n")
+            self._f.write(header_line(meta) + column_line(meta) + "\n")
             self._sync()
 
     def _sync(self):
@@ -256,7 +337,7 @@ def read_for_resume(path, meta: dict) -> ResultsFile | None:
             f.truncate(rf.valid_bytes)
             f.flush()
             os.fsync(f.fileno())
-        if rf.valid_bytes < len(header_line(meta).encode()) + len(COLUMN_LINE) + 1:
+        if rf.valid_bytes < len(header_line(meta).encode()) + len(column_line(meta)) + 1:
             path.unlink()  # the header itself was torn: start the file afresh
             return None
     return rf
@@ -282,7 +363,7 @@ def write_atomic(path, meta: dict, lines) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".merge-tmp")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(header_line(meta) + COLUMN_LINE + "\n" + "".join(lines))
+        f.write(header_line(meta) + column_line(meta) + "\n" + "".join(lines))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .backends import resolve_backend
 from .certify import certify
+from .ops import check_margin
 from .checkpoint import (CheckpointError, SmoothingSpec, default_model_kwargs, build_model,
                          file_sha256, model_from_checkpoint, read_checkpoint, save_checkpoint)
 from .data import INFO, DatasetError, cohen_indices, load_dataset
@@ -196,10 +197,15 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
             "model": model}
 
 
-def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: dict) -> dict:
-    """The header that ties a result file to its checkpoint, spec and data split."""
-    return {"checkpoint_sha256": checkpoint_sha256, "spec": spec.to_dict(),
+def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: dict,
+                 margin: float = 0.0) -> dict:
+    """The header that ties a result file to its checkpoint, spec, data split and margin
+    (recorded only when > 0, so files without a margin keep their format)."""
+    meta = {"checkpoint_sha256": checkpoint_sha256, "spec": spec.to_dict(),
             "dataset": dict(dataset_identity)}
+    if margin > 0:
+        meta["margin"] = float(margin)
+    return meta
 
 
 def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str = "test",
@@ -207,10 +213,15 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                     sigma=None, lam=None, q=None, seed=None, batch_size: int | None = None,
                     images_per_batch: int | None = None, backend: str = "auto",
                     device: str | None = "cpu", overwrite: bool = False, progress: bool = False,
-                    dist_backend: str | None = None, context: Context | None = None) -> dict:
+                    dist_backend: str | None = None, context: Context | None = None,
+                    margin: float = 0.0) -> dict:
     """Certifies the images of a data split (Cohen et al.'s ``skip``/``max``) with the
     checkpoint's smoothed classifier and writes the result TSV ``out`` (results.py),
-    resuming an earlier run of the same checkpoint, spec and split.
+    resuming an earlier run of the same checkpoint, spec, split and margin.
+
+    ``margin`` tau >= 0: certify with ``certify(..., margin=tau)`` (votes that survive
+    floating-point differences of the logits up to tau/2); the file then records tau
+    and the ambiguous counts, and rows not certified even at radius 0 have radius -1/q.
 
     ``sigma``/``lam``/``q``/``seed``, when given, must agree with the checkpoint (else
     SpecMismatchError). Under torchrun the images are split over the ranks and rank 0
@@ -234,7 +245,11 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
         backend_name = resolve_backend(backend, device) if backend != "auto" else backend
     except (ValueError, RuntimeError) as exc:
         raise WorkflowError(str(exc)) from None
-    meta = results_meta(file_sha256(checkpoint), spec, ds.identity)
+    try:
+        margin = check_margin(margin)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(f"bad --margin: {exc}") from None
+    meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin)
     indices = cohen_indices(len(ds), skip, max_index)
     out = Path(out)
 
@@ -242,14 +257,19 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     try:
         return _certify_ranks(ctx, ckpt, spec, ds, meta, indices, out, device=device,
                               batch_size=batch_size, images_per_batch=images_per_batch,
-                              backend=backend_name, overwrite=overwrite, progress=progress)
+                              backend=backend_name, overwrite=overwrite, progress=progress,
+                              margin=margin)
     finally:
         if context is None:
             ctx.close()
 
 
 def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, device,
-                   batch_size, images_per_batch, backend, overwrite, progress) -> dict:
+                   batch_size, images_per_batch, backend, overwrite, progress,
+                   margin: float = 0.0) -> dict:
+    # Every rank runs this with the same arguments (torchrun starts the same command on
+    # each), so each rank certifies its shard with the same margin; the margin is in
+    # `meta`, so a part file or `out` of another margin is refused on every path.
     dev = ctx.device_for(device)
     my_part = part_path(out, ctx.rank)
 
@@ -288,7 +308,7 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
             x, y = ds.get(idx)
             t0 = time.perf_counter()
             cert = certify(model, x.to(dev), batch_size=batch_size, backend=backend,
-                           num_classes=spec.num_classes, **kw)
+                           num_classes=spec.num_classes, margin=margin, **kw)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0
@@ -296,8 +316,16 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
             counts = cert.counts.cpu().tolist()
             pred = cert.prediction.cpu().tolist()
             radius = cert.radius.cpu().tolist()
-            writer.write([format_row(i, int(lbl), p, r, dt / len(idx), c)
-                          for i, lbl, p, r, c in zip(idx, y.tolist(), pred, radius, counts)])
+            if margin > 0:
+                lines = [format_row(i, int(lbl), p, r, dt / len(idx), c, num_ambiguous=n,
+                                    ambiguous=a)
+                         for i, lbl, p, r, c, n, a in zip(
+                             idx, y.tolist(), pred, radius, counts,
+                             cert.num_ambiguous.cpu().tolist(), cert.ambiguous.cpu().tolist())]
+            else:
+                lines = [format_row(i, int(lbl), p, r, dt / len(idx), c)
+                         for i, lbl, p, r, c in zip(idx, y.tolist(), pred, radius, counts)]
+            writer.write(lines)
             bar.update(len(idx))
     finally:
         bar.close()
@@ -328,5 +356,7 @@ def summarize(out: Path, meta: dict, certified_here: int, seconds: float, ctx: C
     if ctx.is_main:
         rf = read_results(out, expect_meta=meta)
         n = len(rf.rows)
-        summary.update(rows=n, clean_accuracy=(sum(r.correct for r in rf.rows) / n) if n else float("nan"))
+        summary.update(rows=n, clean_accuracy=(sum(r.correct for r in rf.rows) / n) if n else float("nan"),
+                       margin=float(meta.get("margin", 0.0)),
+                       not_certified=sum(1 for r in rf.rows if r.radius < 0))
     return summary

@@ -14,8 +14,8 @@ pytest.importorskip("sklearn")
 from dssn_kernels import cli, workflow  # noqa: E402
 from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint  # noqa: E402
 from dssn_kernels.data import load_dataset, resize_center_crop  # noqa: E402
-from dssn_kernels.results import (COLUMN_LINE, expected_certificate, format_row,  # noqa: E402
-                                  header_line, read_results)
+from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
+                                  expected_certificate, format_row, header_line, read_results)
 
 
 @pytest.fixture(autouse=True)
@@ -215,6 +215,94 @@ def test_analyze_hand_made_files_gives_the_known_table(tmp_path, capsys):
     assert "| | ρ = 0.5 | ρ = 1 | ρ = 1.5 | ρ = 2 | ρ = 2.5 | ρ = 3 | ρ = 3.5 | ρ = 4 |".replace(
         "| |", "|  |") in out
     assert "| c.tsv | 0.25 | 220 | 255 | 1 | 100.0% | 0.0% |" in out   # 110/255 < 0.5
+
+
+def test_certify_with_a_margin(tmp_path, capsys):
+    # an untrained net whose top-2 logit gaps are ~0.09..0.2: margin 0.13 makes some
+    # variants ambiguous (and may leave predictions uncertified)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    plain, zero, tsv = tmp_path / "plain.tsv", tmp_path / "zero.tsv", tmp_path / "m.tsv"
+    common = ["--max", "12", "--images-per-batch", "4", "--no-progress"]
+    assert run(["certify", str(ckpt), "--out", str(plain)] + common, capsys)[0] == 0
+    # --margin 0 is no margin: the same file format and rows
+    assert run(["certify", str(ckpt), "--out", str(zero), "--margin", "0"] + common, capsys)[0] == 0
+    assert rows_without_time(zero) == rows_without_time(plain)
+    assert '"margin"' not in zero.read_text().splitlines()[0]
+
+    code, out, err = run(["certify", str(ckpt), "--out", str(tsv), "--margin", "0.13",
+                          "--max", "8", "--images-per-batch", "4", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "margin 0.13:" in out and "not certified even at radius 0" in out
+    lines = tsv.read_text().splitlines()
+    assert '"margin": 0.13' in lines[0] and lines[1] == MARGIN_COLUMN_LINE
+    assert lines[1].split("\t")[-2:] == ["num_ambiguous", "ambiguous"]
+    # a rerun with the same margin resumes
+    code, out, err = run(["certify", str(ckpt), "--out", str(tsv), "--margin", "0.13"] + common,
+                         capsys)
+    assert code == 0 and "certified 4 images" in out, err
+    rf = read_results(tsv)                     # checks sum(counts) + num_ambiguous == L, radii
+    assert rf.meta["margin"] == 0.13 and [r.idx for r in rf.rows] == list(range(12))
+    assert all(sum(r.counts) + r.num_ambiguous == 27 for r in rf.rows)
+    assert sum(r.num_ambiguous for r in rf.rows) > 0
+    # against the same variants without a margin: a class keeps at most its plain votes
+    # and loses only ambiguous ones; the prediction is certified no further
+    for m, p in zip(rf.rows, read_results(plain).rows):
+        assert m.idx == p.idx and m.label == p.label
+        assert all(a <= b <= a + amb for a, b, amb in zip(m.counts, p.counts, m.ambiguous))
+        assert m.radius <= p.radius and (m.radius >= 0 or m.radius == -1 / 16)
+        assert m.radius < 0 or m.predict == p.predict
+
+    # resuming with another margin (or none) is refused, and nothing is changed
+    before = tsv.read_bytes()
+    for margin, msg in ((["--margin", "0.1"], "--margin 0.13, this run uses --margin 0.1"),
+                        ([], "--margin 0.13, this run uses --margin 0;")):
+        code, out, err = run(["certify", str(ckpt), "--out", str(tsv)] + margin + common, capsys)
+        assert code == 2 and msg in err and "\n" not in err.strip(), err
+        assert tsv.read_bytes() == before
+    # and a file without a margin refuses a run with one
+    before = plain.read_bytes()
+    code, out, err = run(["certify", str(ckpt), "--out", str(plain), "--margin", "0.13"] + common,
+                         capsys)
+    assert code == 2 and "--margin 0, this run uses --margin 0.13" in err
+    assert plain.read_bytes() == before
+    code, out, err = run(["certify", str(ckpt), "--out", str(tmp_path / "x.tsv"), "--margin", "-1"],
+                         capsys)
+    assert code == 2 and "margin" in err and not (tmp_path / "x.tsv").exists()
+
+    code, out, err = run(["analyze", str(tsv), "--radii", "0", "0.25"], capsys)
+    assert code == 0 and "m.tsv was certified with margin τ=0.13" in out, err
+
+
+def test_analyze_counts_a_negative_radius_at_no_radius(tmp_path, capsys):
+    # q = 16, L = 27, margin 0.1: image 1 is correct but not certified (radius -1/16)
+    spec = {"sigma": 0.5, "q": 16, "seed": 0, "L": 27, "input_shape": [1, 8, 8], "num_classes": 3}
+    meta = {"checkpoint_sha256": "0" * 64, "spec": spec, "margin": 0.1,
+            "dataset": {"name": "digits", "split": "test"}}
+    text = header_line(meta) + MARGIN_COLUMN_LINE + "\n"
+    for idx, label, counts, amb in [(0, 0, [27, 0, 0], [0, 0, 0]), (1, 0, [10, 9, 0], [8, 8, 0]),
+                                    (2, 1, [0, 17, 3], [0, 7, 7]), (3, 2, [20, 7, 0], [0, 0, 0])]:
+        pred, radius = expected_certificate(counts, 16, amb)
+        text += format_row(idx, label, pred, radius, 0.01, counts, num_ambiguous=27 - sum(counts),
+                           ambiguous=amb)
+    path = tmp_path / "m.tsv"
+    path.write_text(text)
+    res = workflow_analysis().load_result(path)
+    assert list(res.radius) == [13 / 16, -1 / 16, 3 / 16, 6 / 16] and res.margin == 0.1
+    assert res.clean_accuracy() == 0.75                  # image 1's prediction is correct
+    assert res.certified_accuracy(0) == 0.5              # ... but not certified at radius 0
+    assert res.certified_accuracy(-1) == 0.5             # nor at any radius
+    r, acc = res.curve()
+    assert list(r) == [0, 3 / 16, 13 / 16] and list(acc) == [0.5, 0.5, 0.25]
+    code, out, err = run(["analyze", str(path), "--radii", "0", "0.1875", "0.5"], capsys)
+    assert code == 0, err
+    assert "| m.tsv | 0.5 | 27 | 16 | 4 | 75.0% | 50.0% | 50.0% | 25.0% |" in out
+    assert "1 of 4 predictions are not certified even at radius 0" in out
+
+
+def workflow_analysis():
+    from dssn_kernels import analysis
+
+    return analysis
 
 
 def test_cifar10_reader_and_training_on_a_fake_folder(tmp_path, capsys):

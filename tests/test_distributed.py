@@ -73,3 +73,20 @@ def test_two_processes_write_what_one_process_writes(tmp_path, monkeypatch):
     # (torchrun's launcher prints its own traceback for a failed worker; ours print one line)
     assert "dssn_kernels/workflow.py" not in r.stderr and "dssn_kernels/results.py" not in r.stderr
     assert dist.read_bytes() == before and not part_path(dist, 1).exists()
+
+
+def test_two_processes_with_a_margin(tmp_path, monkeypatch):
+    # every rank certifies its shard with the margin: the merged file is the one a single
+    # process writes, margin header and ambiguous columns included
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    single, dist = tmp_path / "single.tsv", tmp_path / "dist.tsv"
+    opts = ["--images-per-batch", "3", "--no-progress", "--device", "cpu", "--margin", "0.13"]
+    assert cli.main(["certify", str(ckpt), "--out", str(single), "--max", "12"] + opts) == 0
+    r = torchrun([str(ckpt), "--out", str(dist), "--max-index", "12"] + opts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "over 2 ranks" in r.stdout and "margin 0.13" in r.stdout
+    assert rows_without_time(dist) == rows_without_time(single)
+    rf = read_results(dist)
+    assert rf.meta["margin"] == 0.13 and sum(row.num_ambiguous for row in rf.rows) > 0

@@ -2,9 +2,10 @@
 import pytest
 
 from dssn_kernels.data import cohen_indices
-from dssn_kernels.results import (COLUMN_LINE, ResultsError, ResultsWriter, consolidate,
-                                  expected_certificate, format_row, header_line, merge_rows,
-                                  parse_row, part_path, read_for_resume, read_results)
+from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE, MARGIN_COLUMNS, ResultsError,
+                                  ResultsWriter, consolidate, expected_certificate, format_row,
+                                  header_line, merge_rows, parse_row, part_path, read_for_resume,
+                                  read_results)
 
 SPEC = {"sigma": 0.5, "q": 16, "seed": 0, "L": 27, "input_shape": [1, 8, 8], "num_classes": 3}
 META = {"checkpoint_sha256": "ab" * 32, "spec": SPEC, "dataset": {"name": "digits", "split": "test"}}
@@ -16,7 +17,8 @@ def row(idx, label, counts, seconds=0.001):
 
 
 def write(path, lines, meta=META):
-    path.write_text(header_line(meta) + COLUMN_LINE + "\n" + "".join(lines))
+    cols = MARGIN_COLUMN_LINE if meta.get("margin") else COLUMN_LINE
+    path.write_text(header_line(meta) + cols + "\n" + "".join(lines))
 
 
 def test_certificate_from_counts_matches_design():
@@ -120,3 +122,98 @@ def test_cohen_indices():
     assert cohen_indices(10, skip=3) == [0, 3, 6, 9]
     assert cohen_indices(10, skip=3, max_index=6) == [0, 3]
     assert cohen_indices(10, max_index=-1) == list(range(10))
+
+
+# --- files certified with a margin ------------------------------------------------------
+
+MMETA = dict(META, margin=0.05)
+
+
+def mrow(idx, label, counts, amb, seconds=0.001):
+    pred, radius = expected_certificate(counts, SPEC["q"], amb)
+    return format_row(idx, label, pred, radius, seconds, counts,
+                      num_ambiguous=SPEC["L"] - sum(counts), ambiguous=amb)
+
+
+def test_margin_certificate_rule():
+    # r = min over c != A of floor((N_A - N_c - amb_c - [c < A]) / 2), -1 if negative
+    assert expected_certificate([27, 0, 0], 16, [0, 0, 0]) == (0, 13 / 16)
+    assert expected_certificate([25, 0, 0], 16, [2, 0, 2]) == (0, 11 / 16)
+    assert expected_certificate([0, 25, 0], 16, [2, 2, 0]) == (1, 11 / 16)   # 25-2-1 = 22
+    assert expected_certificate([10, 9, 0], 16, [8, 8, 0]) == (0, -1 / 16)   # 10-17 < 0
+    assert expected_certificate([9, 10, 0], 16, [0, 8, 8]) == (1, 0.0)      # 10-9-1 = 0
+    # no ambiguous variant: the rule without a margin
+    for counts in ([13, 13, 1], [1, 13, 13], [10, 17, 0]):
+        assert expected_certificate(counts, 16, [0, 0, 0]) == expected_certificate(counts, 16)
+
+
+def test_margin_row_roundtrip():
+    line = mrow(7, 0, [20, 3, 0], [4, 0, 4])
+    assert line.count("\t") == 8 and line.endswith("\t4\t4,0,4\n")
+    r = parse_row(line, "x", MARGIN_COLUMNS)
+    assert (r.idx, r.label, r.predict, r.correct, r.counts) == (7, 0, 0, 1, (20, 3, 0))
+    assert (r.num_ambiguous, r.ambiguous) == (4, (4, 0, 4))
+    assert r.radius == 8 / 16 and r.line() == line
+    # not certified even at radius 0: radius -1/q, still "correct" (predict == label)
+    line = mrow(8, 0, [10, 9, 0], [8, 8, 0])
+    r = parse_row(line, "x", MARGIN_COLUMNS)
+    assert r.radius == -1 / 16 and r.correct == 1 and "\t-0.0625\t" in line and r.line() == line
+    with pytest.raises(ValueError, match="both"):
+        format_row(0, 0, 0, 0.0, 0.0, [27, 0, 0], num_ambiguous=0)
+    # a margin row in a file without a margin and vice versa: a column-count error
+    with pytest.raises(ResultsError, match="expected 7 tab-separated columns"):
+        parse_row(line, "x")
+    with pytest.raises(ResultsError, match="expected 9 tab-separated columns"):
+        parse_row(row(0, 0, [27, 0, 0]), "x", MARGIN_COLUMNS)
+
+
+def test_margin_file_checks(tmp_path):
+    p = tmp_path / "r.tsv"
+    good = [mrow(0, 0, [27, 0, 0], [0, 0, 0]), mrow(1, 1, [10, 9, 0], [8, 8, 0]),
+            mrow(2, 2, [0, 5, 20], [0, 2, 2])]
+    write(p, good, MMETA)
+    assert p.read_text().splitlines()[1] == MARGIN_COLUMN_LINE
+    rf = read_results(p, expect_meta=MMETA)
+    assert [r.num_ambiguous for r in rf.rows] == [0, 8, 2]
+    assert [r.radius for r in rf.rows] == [13 / 16, -1 / 16, 6 / 16]
+    bad = {
+        # sum(counts) + num_ambiguous must be L
+        "sum": "3\t0\t0\t0.8125\t1\t0.1\t27,0,0\t1\t1,1,0\n",
+        "sum2": "3\t0\t0\t0.5\t1\t0.1\t20,0,0\t3\t3,3,0\n",
+        # an ambiguous variant is in at least two classes, each class at most num_ambiguous
+        "too few": "3\t0\t0\t0.625\t1\t0.1\t23,0,0\t4\t4,2,0\n",
+        "too many": "3\t0\t0\t0.5\t1\t0.1\t23,0,0\t4\t5,5,0\n",
+        "classes": "3\t0\t0\t0.8125\t1\t0.1\t27,0,0\t0\t0,0,0,0\n",
+        "negative": "3\t0\t0\t0.8125\t1\t0.1\t27,0,0\t0\t0,-1,1\n",
+        # the radius must follow the margin rule (-1/q here), not the plain one
+        "radius": "3\t0\t0\t0.0\t1\t0.1\t10,9,0\t8\t8,8,0\n",
+        "columns": row(3, 0, [27, 0, 0]),
+        "number": "3\t0\t0\t0.8125\t1\t0.1\t27,0,0\tx\t0,0,0\n",
+    }
+    for name, line in bad.items():
+        write(p, good[:1] + [line], MMETA)
+        with pytest.raises(ResultsError, match="line 4"):
+            read_results(p)
+    # the column header must be the margin one
+    p.write_text(header_line(MMETA) + COLUMN_LINE + "\n")
+    with pytest.raises(ResultsError, match="column header"):
+        read_results(p)
+
+
+def test_margin_resume_and_refusal(tmp_path):
+    p = tmp_path / "r.tsv"
+    with ResultsWriter(p, MMETA) as w:
+        w.write([mrow(0, 0, [27, 0, 0], [0, 0, 0]), mrow(1, 1, [10, 9, 0], [8, 8, 0])])
+    write(part_path(p, 1), [mrow(4, 2, [0, 5, 20], [0, 2, 2])], MMETA)
+    before = p.read_bytes()
+    for meta, what in ((META, "--margin 0.05, this run uses --margin 0"),
+                       (dict(META, margin=0.1), "--margin 0.05, this run uses --margin 0.1")):
+        with pytest.raises(ResultsError, match=what):
+            consolidate(p, meta)
+        assert p.read_bytes() == before and part_path(p, 1).exists()
+    assert sorted(consolidate(p, MMETA)) == [0, 1, 4]
+    # a file without a margin refuses a run with one, naming both margins
+    q = tmp_path / "plain.tsv"
+    write(q, [row(0, 0, [27, 0, 0])])
+    with pytest.raises(ResultsError, match="--margin 0, this run uses --margin 0.05"):
+        read_for_resume(q, MMETA)

@@ -163,3 +163,12 @@ def test_micro_ops(suite):
         assert key in env, key
     md = (out / "micro_ops.md").read_text()
     assert check_tables(md) == 1 and "| expand |" in md and "| vote |" in md
+
+
+def test_cli_bench_runs_the_suite(tmp_path):
+    """`dssn bench` runs benchmarks/run_all.py with the given options."""
+    from dssn_kernels.cli import main
+    assert main(["bench", "--quick", "--only", "micro_ops", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["steps"]) == ["micro_ops"] and summary["steps"]["micro_ops"]["ok"]
+    assert (tmp_path / "micro_ops.md").is_file()

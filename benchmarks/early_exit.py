@@ -82,7 +82,7 @@ def cifar_images(n: int, seed: int = 0) -> torch.Tensor:
 
 def digits_setup(quick: bool, device: str):
     sigma = 0.5 if quick else 1.0
-    epochs = 3 if quick else 30
+    epochs = 3 if quick else 15
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trained = workflow.train(Path(tmp) / "digits.pt", dataset="digits", sigma=sigma,

@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf build dssn_kernels/*.so *.egg-info

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../dssn_noise.h"
+#include "../op_checks.h"
 
 namespace {
 
@@ -30,27 +31,8 @@ void expand_rows(out_t* out, const level_t* levels, const int32_t* offsets, int6
 
 void expand_cpu(at::Tensor out, const at::Tensor& levels, const at::Tensor& offsets,
                 int64_t num_variants, int64_t q, int64_t start) {
-  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf ||
-               out.scalar_type() == at::kBFloat16) && out.is_contiguous() && out.dim() == 3,
-              "dssn::expand_: out must be a contiguous float32/float16/bfloat16 [B, count, d] tensor");
-  TORCH_CHECK(out.scalar_type() == at::kFloat ||
-                  q < (out.scalar_type() == at::kHalf ? 1024 : 8192),
-              "dssn::expand_: ", out.scalar_type(), " cannot hold m/(4q) exactly rounded for q=", q);
-  TORCH_CHECK(levels.dim() == 2 && levels.is_contiguous(),
-              "dssn::expand_: levels must be a contiguous [B, d] tensor");
-  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() &&
-                  offsets.dim() == 1,
-              "dssn::expand_: offsets must be a contiguous int32 [d] tensor");
+  dssn::checks::expand_args(out, levels, offsets, num_variants, q, start);
   const int64_t B = levels.size(0), d = levels.size(1), count = out.size(1);
-  TORCH_CHECK(out.size(0) == B && out.size(2) == d && offsets.size(0) == d,
-              "dssn::expand_: shapes of out ", out.sizes(), ", levels ", levels.sizes(),
-              " and offsets ", offsets.sizes(), " disagree");
-  TORCH_CHECK(num_variants >= 1 && q >= 1 &&
-                  q + num_variants <= dssn::kMaxLevelsPlusVariants,
-              "dssn::expand_: need L >= 1, q >= 1 and q + L <= 2^21");
-  TORCH_CHECK(start >= 0 && start + count <= num_variants,
-              "dssn::expand_: variant window [", start, ", ", start + count,
-              ") is outside 0..", num_variants);
   if (out.numel() == 0) return;
   const int L = int(num_variants), qi = int(q);
   const int64_t rows = B * count;
@@ -63,8 +45,7 @@ void expand_cpu(at::Tensor out, const at::Tensor& levels, const at::Tensor& offs
       at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
         expand_rows(o, k, v, count, d, L, qi, start, r0, r1);
       });
-    } else {
-      TORCH_CHECK(levels.scalar_type() == at::kInt, "dssn::expand_: levels must be uint8 or int32");
+    } else {  // int32 (checked)
       const int32_t* k = levels.data_ptr<int32_t>();
       at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
         expand_rows(o, k, v, count, d, L, qi, start, r0, r1);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../dssn_noise.h"
+#include "../op_checks.h"
 
 namespace {
 
@@ -49,18 +50,9 @@ int64_t row_argmax<double>(const double* row, int64_t K) {
 
 void vote_cpu(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
               int64_t row0, int64_t rows_per_image) {
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 2,
-              "dssn::vote_: counts must be a contiguous int64 [B, K] tensor");
-  TORCH_CHECK(nan_rows.scalar_type() == at::kLong && nan_rows.numel() == 1,
-              "dssn::vote_: nan_rows must be an int64 tensor with one element");
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == counts.size(1),
-              "dssn::vote_: logits ", logits.sizes(), " do not match counts ", counts.sizes());
-  TORCH_CHECK(rows_per_image >= 1 && row0 >= 0, "dssn::vote_: bad row mapping");
+  dssn::checks::vote_args(counts, nan_rows, logits, row0, rows_per_image);
   const int64_t R = logits.size(0), K = logits.size(1);
   if (R == 0) return;
-  TORCH_CHECK(K >= 1, "dssn::vote_: logits have no classes");
-  TORCH_CHECK((row0 + R - 1) / rows_per_image < counts.size(0),
-              "dssn::vote_: rows map past the last image of counts");
   const at::Tensor x = logits.contiguous();
   std::vector<int64_t> winner(R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dssn::vote_", [&] {
@@ -120,25 +112,10 @@ TopTwo row_top_two(const scalar_t* row, int64_t K) {
 void vote_margin_cpu(at::Tensor counts, at::Tensor ambiguous, at::Tensor nan_rows,
                      const at::Tensor& logits, int64_t row0, int64_t rows_per_image,
                      double margin) {
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 2,
-              "dssn::vote_margin_: counts must be a contiguous int64 [B, K] tensor");
-  TORCH_CHECK(ambiguous.scalar_type() == at::kLong && ambiguous.is_contiguous() &&
-                  ambiguous.sizes() == counts.sizes(),
-              "dssn::vote_margin_: ambiguous must be a contiguous int64 tensor shaped like "
-              "counts ", counts.sizes(), ", got ", ambiguous.sizes());
-  TORCH_CHECK(nan_rows.scalar_type() == at::kLong && nan_rows.numel() == 1,
-              "dssn::vote_margin_: nan_rows must be an int64 tensor with one element");
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == counts.size(1),
-              "dssn::vote_margin_: logits ", logits.sizes(), " do not match counts ",
-              counts.sizes());
-  TORCH_CHECK(rows_per_image >= 1 && row0 >= 0, "dssn::vote_margin_: bad row mapping");
-  TORCH_CHECK(margin >= 0.0 && std::isfinite(margin),
-              "dssn::vote_margin_: margin must be finite and >= 0, got ", margin);
+  dssn::checks::vote_margin_args(counts, ambiguous, nan_rows, logits, row0, rows_per_image,
+                                 margin);
   const int64_t R = logits.size(0), K = logits.size(1);
   if (R == 0) return;
-  TORCH_CHECK(K >= 2, "dssn::vote_margin_: logits need at least 2 classes");
-  TORCH_CHECK((row0 + R - 1) / rows_per_image < counts.size(0),
-              "dssn::vote_margin_: rows map past the last image of counts");
   const at::Tensor x = logits.contiguous();
   // winner[r]: the class row r votes for, -1 for a NaN row, -2 for an ambiguous row
   std::vector<int64_t> winner(R);

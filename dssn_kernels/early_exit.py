@@ -40,7 +40,7 @@ __all__ = ["Decision", "Prediction", "certify_at", "predict", "variant_order", "
 
 ORDERS = ("sequential", "reversed", "strided")
 
-# From an image's third look on, its plan is at least this fraction of its remaining
+# From an image's eighth look on, its plan is at least this fraction of its remaining
 # variants (bounds the number of rounds by O(log L) per image).
 _FLOOR_AFTER_LOOKS = 8
 _FLOOR_FRACTION = 8

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("certify", help="certify a data split with a checkpoint (resumable, shardable)",
                        description="Certifies every image of a data split exactly and writes a TSV "
-                       "(idx label predict radius correct time counts). Rerunning the same command "
-                       "resumes; a file of another checkpoint, spec or split is refused. Under "
+                       "(idx label predict radius correct time counts; with --margin also num_ambiguous "
+                       "ambiguous). Rerunning the same command "
+                       "resumes; a file of another checkpoint, spec, split or margin is refused. Under "
                        "torchrun the images are split over the ranks and rank 0 merges the rows.")
     c.add_argument("checkpoint", help="checkpoint written by `dssn train`")
     c.add_argument("--out", required=True, help="result TSV (appended to / resumed)")

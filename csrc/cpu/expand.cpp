@@ -4,30 +4,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../dssn_noise.h"
 #include "../op_checks.h"
+#include "expand_rows.h"
 
 namespace {
 
-template <typename out_t, typename level_t>
-void expand_rows(out_t* out, const level_t* levels, const int32_t* offsets, int64_t count,
-                 int64_t d, int L, int q, int64_t start, int64_t row_begin, int64_t row_end) {
-  const dssn::SplitDivisor div = dssn::make_divisor(L);
-  const float four_q = float(4 * q);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t b = r / count;
-    const int t = int(start + r % count);  // < L
-    const level_t* k = levels + b * d;
-    out_t* o = out + r * d;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) {
-      const int j = dssn::split_index(offsets[i], t, L);
-      // float32: correctly rounded; float16/bfloat16: that value rounded to nearest even
-      // (exact for the q limits checked in Python, spec.MAX_Q_FOR_DTYPE).
-      o[i] = out_t(dssn::noise_value(dssn::noise_numerator(int(k[i]), j, q, div), four_q));
-    }
-  }
-}
+using dssn::expand_rows;
 
 void expand_cpu(at::Tensor out, const at::Tensor& levels, const at::Tensor& offsets,
                 int64_t num_variants, int64_t q, int64_t start) {

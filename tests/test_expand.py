@@ -54,6 +54,34 @@ def test_variants_bit_identical_to_reference(case):
         assert torch.equal(bits(got), bits(expected)), backend
 
 
+@given(cases(), st.sampled_from(["table", "formula"]))
+def test_torch_backend_table_and_formula_paths(case, path):
+    """expand_torch gathers from a [q+1, L] value table when it is small enough and
+    evaluates the formula per element otherwise: both paths give the reference's bits."""
+    from unittest import mock
+
+    from dssn_kernels.ops import expand as expand_op
+
+    x, q, L, seed, start, stop = case
+    expected = ref.variants(x, L=L, q=q, seed=seed, start=start, stop=stop)
+    limit = expand_op.MAX_TABLE_ENTRIES if path == "table" else 0
+    with mock.patch.object(expand_op, "MAX_TABLE_ENTRIES", limit):
+        got = dk.variants(x, L=L, q=q, seed=seed, start=start, stop=stop, backend="torch")
+    assert torch.equal(bits(got), bits(expected))
+
+
+def test_torch_backend_beyond_the_table_limit():
+    from dssn_kernels.ops import expand as expand_op
+
+    q, L = 2000, 2200                      # (q + 1) * L > MAX_TABLE_ENTRIES
+    assert (q + 1) * L > expand_op.MAX_TABLE_ENTRIES
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, q + 1, (1, 40), generator=g).double() / q
+    expected = ref.variants(x, L=L, q=q, seed=5, start=L - 30, stop=L)
+    got = dk.variants(x, L=L, q=q, seed=5, start=L - 30, stop=L, backend="torch")
+    assert torch.equal(bits(got), bits(expected))
+
+
 @pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_released_sigmas_cifar_shape(sigma, backend):

@@ -18,10 +18,9 @@ def vote_torch(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tenso
     winner = logits.argmax(dim=1)
     image = torch.div(torch.arange(row0, row0 + R, device=logits.device), rows_per_image,
                       rounding_mode="floor")
-    ok = ~has_nan
-    counts.index_put_((image[ok], winner[ok]),
-                      torch.ones((), dtype=counts.dtype, device=counts.device),
-                      accumulate=True)
+    # every row adds 1, or 0 for a NaN row (its argmax is still a valid index): no
+    # boolean-mask indexing, so no device-to-host sync on a GPU
+    counts.index_put_((image, winner), (~has_nan).to(counts.dtype), accumulate=True)
     nan_rows += has_nan.sum()
 
 
@@ -95,12 +94,10 @@ def vote_margin_torch(counts: torch.Tensor, ambiguous: torch.Tensor, nan_rows: t
     vote = ok & ~amb_row
     image = torch.div(torch.arange(row0, row0 + R, device=x.device), rows_per_image,
                       rounding_mode="floor")
-    one = torch.ones((), dtype=counts.dtype, device=counts.device)
-    counts.index_put_((image[vote], winner[vote]), one, accumulate=True)
-    if bool(amb_row.any()):
-        member = amb_row[:, None] & margin_below(top[:, None], x, margin)
-        r, c = member.nonzero(as_tuple=True)
-        ambiguous.index_put_((image[r], c), one, accumulate=True)
+    # adds of 0/1 rather than boolean-mask indexing: no device-to-host sync on a GPU
+    counts.index_put_((image, winner), vote.to(counts.dtype), accumulate=True)
+    member = amb_row[:, None] & margin_below(top[:, None], x, margin)     # [R, K]
+    ambiguous.index_add_(0, image, member.to(ambiguous.dtype))
     nan_rows += has_nan.sum()
 
 

@@ -27,6 +27,27 @@ _MAX_BLOCK_K = 1024
 
 
 @triton.jit
+def _column_block(row_base, row_ok, k0, K, stride_k, BLOCK_K: tl.constexpr,
+                  IS_FP64: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K - 1 of a program's rows (shared with vote_margin):
+    (cols, x: the logits as float32, or float64 for float64 input (both exact), -inf where
+    masked; has_nan: 1 where the row holds a NaN there; block_max; first: the first
+    column holding block_max)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * stride_k, mask=ok, other=0)
+    if IS_FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)                         # exact for float16/bfloat16
+    has_nan = tl.max((x != x).to(tl.int32), axis=1)
+    x = tl.where(ok, x, float("-inf"))
+    block_max = tl.max(x, axis=1)
+    first = tl.min(tl.where(ok & (x == block_max[:, None]), cols[None, :], K), axis=1)
+    return cols, x, has_nan, block_max, first
+
+
+@triton.jit
 def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0,
                  rows_per_image, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                  IS_FP64: tl.constexpr):
@@ -42,18 +63,9 @@ def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0
     arg = tl.zeros([BLOCK_R], dtype=tl.int32)       # all -inf rows vote 0, as torch
     nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * stride_k,
-                    mask=ok, other=0)
-        if IS_FP64:
-            x = x.to(tl.float64)
-        else:
-            x = x.to(tl.float32)                     # exact for float16/bfloat16
-        nan_seen = tl.maximum(nan_seen, tl.max((x != x).to(tl.int32), axis=1))
-        x = tl.where(ok, x, float("-inf"))
-        block_max = tl.max(x, axis=1)
-        first = tl.min(tl.where(ok & (x == block_max[:, None]), cols[None, :], K), axis=1)
+        cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, k0, K, stride_k,
+                                                           BLOCK_K, IS_FP64)
+        nan_seen = tl.maximum(nan_seen, has_nan)
         better = block_max > best                    # strict: earlier blocks win ties
         arg = tl.where(better, first, arg)
         best = tl.where(better, block_max, best)

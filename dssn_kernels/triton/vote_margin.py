@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .vote import _LOGIT_DTYPES, vote_settings
+from .vote import _LOGIT_DTYPES, _column_block, vote_settings
 
 KERNEL_INTERPRETED = interpreting()
 
@@ -56,18 +56,9 @@ def _vote_margin_kernel(counts_ptr, amb_ptr, nan_ptr, logits_ptr, tau_ptr, R, K,
     arg = tl.zeros([BLOCK_R], dtype=tl.int32)
     nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * stride_k,
-                    mask=ok, other=0)
-        if IS_FP64:
-            x = x.to(tl.float64)
-        else:
-            x = x.to(tl.float32)                     # exact for float16/bfloat16
-        nan_seen = tl.maximum(nan_seen, tl.max((x != x).to(tl.int32), axis=1))
-        x = tl.where(ok, x, float("-inf"))
-        block_max = tl.max(x, axis=1)
-        first = tl.min(tl.where(ok & (x == block_max[:, None]), cols[None, :], K), axis=1)
+        cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, k0, K, stride_k,
+                                                           BLOCK_K, IS_FP64)
+        nan_seen = tl.maximum(nan_seen, has_nan)
         block_second = tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), x),
                               axis=1)
         second = tl.maximum(tl.maximum(second, block_second), tl.minimum(best, block_max))

@@ -33,13 +33,14 @@ def cases(draw):
     non_contiguous = draw(st.booleans())
     g = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
     levels = torch.randint(0, q + 1, (B, *shape), generator=g, dtype=torch.int64)
+    x = (levels.double() / q).float() if as_float else levels.to(torch.uint8)
     if non_contiguous:
         # the same values through a strided view: every other element of a wider tensor
-        wide = torch.zeros((B, *shape[:-1], 2 * shape[-1]), dtype=torch.int64)
-        wide[..., ::2] = levels
-        levels = wide[..., ::2]
-        assert not levels.is_contiguous() or levels.numel() == B
-    x = (levels.double() / q).float() if as_float else levels.to(torch.uint8)
+        # (made after the dtype conversion, which would otherwise return a contiguous copy)
+        wide = torch.zeros((B, *shape[:-1], 2 * shape[-1]), dtype=x.dtype)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+        assert not x.is_contiguous() or x.numel() == B
     return x, q, L, seed, start, stop
 
 

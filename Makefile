@@ -20,7 +20,7 @@ demo: setup
 	$(PY) -m dssn_kernels.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -124,8 +124,15 @@ class SmoothingSpec:
                 L = None
             if not math.isclose(float(given), have, rel_tol=1e-9, abs_tol=0.0) or L != self.L:
                 raise SpecMismatchError(
-                    f"--{name} {given:g} disagrees with the checkpoint's {name}={have:g} "
-                    f"(L={self.L} at q={self.q}; --{name} {given:g} gives L={L})")
+                    f"--{name} {_num(given)} disagrees with the checkpoint's {name}={_num(have)} "
+                    f"(L={self.L} at q={self.q}; --{name} {_num(given)} gives L={L})")
+
+
+def _num(v) -> str:
+    """Shortest readable form of a number: ``:g`` when that reads back to the same float,
+    else the full repr (so two different values never print alike, 0.5000001 vs 0.5)."""
+    s = f"{float(v):g}"
+    return s if float(s) == float(v) else repr(float(v))
 
 
 # --------------------------------------------------------------------------- architectures

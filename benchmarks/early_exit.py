@@ -48,6 +48,9 @@ from dssn_kernels.backends import resolve_backend
 from dssn_kernels.data import digits_levels
 from dssn_kernels.models import SmallCNN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -207,7 +210,7 @@ def bench_model(name, model, x, y, spec, info, *, backend, batch_size, repeats, 
 def to_markdown(result) -> str:
     env = result["environment"]
     lines = ["# Early exit vs the full certificate", "",
-             f"device: {env['device']} ({env['device_name']}); torch {env['torch']}; "
+             f"device: {env['device']} ({env['device_name']}); torch {env['torch']}; triton {env.get('triton')}; "
              f"backend {env['backend']}; {env['threads']} threads; batch_size "
              f"{env['batch_size']}; repeats {env['repeats']} (median); command: "
              f"`{env['command']}`", ""]
@@ -270,15 +273,12 @@ def main(argv=None):
         models.append(bench_model(name, model, x, y, spec, info, backend=backend,
                                   batch_size=args.batch_size, repeats=repeats, device=device))
     dev = torch.device(device)
-    result = {"environment": {
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "dssn_kernels": dk.__version__, "backend": backend,
-        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "repeats": repeats,
-        "python": platform.python_version(),
-        "command": "python benchmarks/early_exit.py " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    env = bc.environment(dev, "digits SmallCNN / CIFAR-shaped SmallCNN", None, [backend],
+                         batch_size=args.batch_size, repeats=repeats,
+                         command="python benchmarks/early_exit.py " + " ".join(
+                             sys.argv[1:] if argv is None else argv))
+    env.update(backend=backend, threads=torch.get_num_threads())
+    result = {"environment": env,
         "models": models}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "early_exit.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -3,6 +3,7 @@ workspace, run the model, fold its argmax votes into int64 counts, derive the ex
 certificate (DESIGN.md, "Certificate")."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -162,8 +163,9 @@ def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=No
     check_value_dtype(q, dtype)
     stop = L if stop is None else stop
     for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    start, stop = int(start), int(stop)
     if not 0 <= start <= stop <= L:
         raise ValueError(f"need 0 <= start <= stop <= L = {L}, got start={start}, stop={stop}")
     levels = to_levels(x, q)

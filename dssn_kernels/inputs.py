@@ -4,12 +4,18 @@ from __future__ import annotations
 import torch
 
 # A float pixel x is read as level k = round(x*q) and accepted when |x*q - k| is at most
-# this many quantization steps (more for dtypes too coarse to hold k/q that closely).
+# GRID_TOLERANCE_STEPS quantization steps, or, for dtypes too coarse to hold k/q that
+# closely, 4 eps |x| (2 to 4 units in the last place of x's dtype at x: a correctly
+# rounded k/q is within half of one, and the slack admits x * (1/q) and the like), never
+# more than 0.25 of a step.
 GRID_TOLERANCE_STEPS = 1e-3
 
 
-def grid_tolerance(dtype: torch.dtype, q: int) -> float:
-    return min(0.25, max(GRID_TOLERANCE_STEPS, 8 * torch.finfo(dtype).eps * q))
+def grid_tolerance(values: torch.Tensor, dtype: torch.dtype, q: int) -> torch.Tensor:
+    """Per pixel, the accepted |x*q - round(x*q)| in steps; ``values``: the pixels as
+    float64, ``dtype``: the dtype they came in."""
+    ulp_steps = 4 * torch.finfo(dtype).eps * q * values.abs()
+    return ulp_steps.clamp(min=GRID_TOLERANCE_STEPS, max=0.25)
 
 
 def level_dtype(q: int) -> torch.dtype:
@@ -59,11 +65,13 @@ def to_levels(x, q: int) -> torch.Tensor:
     scaled = xd * q
     k = torch.round(scaled)
     off = (scaled - k).abs()
-    tol = grid_tolerance(x.dtype, q)
+    tol = grid_tolerance(xd, x.dtype, q)
     if bool((off > tol).any()):
         bad = (off > tol).sum().item()
         worst = off.argmax().item()
         raise ValueError(
             f"{bad} float pixel(s) are off the k/q grid for q={q} (e.g. {xd.view(-1)[worst].item():.9g}"
-            f" = {scaled.view(-1)[worst].item():.6g}/q); quantize the input or pass the right q")
+            f" = {scaled.view(-1)[worst].item():.6g}/q); quantize the input or pass the right q"
+            + (f" ({x.dtype} cannot hold every k/{q} that closely: pass uint8 levels or "
+               "float32 pixels)" if x.dtype in (torch.float16, torch.bfloat16) else ""))
     return k.to(level_dtype(q)).contiguous()

@@ -395,3 +395,21 @@ def test_off_grid_floats_are_rejected(q, data, frac, dtype):
     x = torch.full((1, 3), (k + frac) / q, dtype=dtype)
     with pytest.raises(ValueError, match=r"off the k/q grid"):
         to_levels(x, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_every_level_in_each_float_dtype_reads_back(dtype):
+    """k/255 in float16/32/64, computed three usual ways, reads as level k."""
+    k = torch.arange(256)
+    for x in ((k.double() / 255).to(dtype), k.to(dtype) / 255, k.to(dtype) * (1 / 255)):
+        assert torch.equal(to_levels(x.view(1, -1), 255).long(), k.view(1, -1))
+
+
+@pytest.mark.parametrize("level", [1.2, 3.3, 10.2, 40.25, 60.7])
+def test_float16_off_grid_is_rejected_where_float16_can_tell(level):
+    """The tolerance follows the dtype's spacing at the pixel's value, not at 1: a float16
+    pixel 0.2 steps off the grid at a small value (where float16 is fine enough to tell)
+    is rejected, with a hint."""
+    x = torch.tensor([[level / 255]], dtype=torch.float64).to(torch.float16)
+    with pytest.raises(ValueError, match=r"off the k/q grid.*float16 cannot hold"):
+        to_levels(x, 255)

@@ -200,77 +200,70 @@ class _Run:
                    evaluated, looks, done, plan)
         counts = ambiguous = None
         K = self.num_classes
-        on_cpu = device.type == "cpu"
         rows_max = min(self.batch_size, B * L)
-        previous_benchmark = torch.backends.cudnn.benchmark
-        if self.call.cudnn_benchmark is not None:
-            torch.backends.cudnn.benchmark = bool(self.call.cudnn_benchmark)
-        try:
-            with torch.inference_mode():
-                workspace = torch.empty((rows_max, d), dtype=self.call.dtype, device=device)
-                nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
-                while plan.any():
-                    # pack this round: planned variants of active images, in image order
-                    segments, rows = [], 0
-                    for b in np.flatnonzero(plan):
-                        take = int(min(plan[b], rows_max - rows))
-                        segments.append((int(b), int(evaluated[b]), take))
-                        rows += take
-                        if rows == rows_max:
-                            break
-                    image_of_row = np.empty(rows, dtype=np.int64)
-                    row = 0
-                    for b, n_img, pos, take in _groups(segments):
-                        # n_img consecutive images, each at the same position of the order
-                        block = workspace[row:row + n_img * take].view(n_img, take, d)
-                        col = 0
-                        for start, n in _runs(self.perm, pos, take):
-                            out = block[:, col:col + n]
-                            if n_img > 1 and n < take:   # expand needs a contiguous [n, count, d]
-                                tmp = torch.empty((n_img, n, d), dtype=block.dtype, device=device)
-                                expand_into(tmp, self.levels[b:b + n_img], self.offsets, L,
-                                            self.q, start, self.backend)
-                                out.copy_(tmp)
-                            else:
-                                expand_into(out, self.levels[b:b + n_img], self.offsets, L,
-                                            self.q, start, self.backend)
-                            col += n
-                        image_of_row[row:row + n_img * take] = np.repeat(
-                            np.arange(b, b + n_img), take)
-                        row += n_img * take
-                    logits = self.call(self.model, workspace[:rows].view(rows, *self.shape))
-                    check_logits(logits, rows, K)
-                    if counts is None:
-                        K = logits.shape[1]
-                        counts = torch.zeros((B, K), dtype=torch.int64, device=device)
-                        if self.margin > 0:
-                            ambiguous = torch.zeros((B, K), dtype=torch.int64, device=device)
-                    # one vote row per input, then added into its image's counts
-                    votes = torch.zeros((rows, K), dtype=torch.int64, device=device)
-                    index = torch.from_numpy(image_of_row).to(device)
+        with self.call.session():
+            workspace = torch.empty((rows_max, d), dtype=self.call.dtype, device=device)
+            nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
+            while plan.any():
+                # pack this round: planned variants of active images, in image order
+                segments, rows = [], 0
+                for b in np.flatnonzero(plan):
+                    take = int(min(plan[b], rows_max - rows))
+                    segments.append((int(b), int(evaluated[b]), take))
+                    rows += take
+                    if rows == rows_max:
+                        break
+                image_of_row = np.empty(rows, dtype=np.int64)
+                row = 0
+                for b, n_img, pos, take in _groups(segments):
+                    # n_img consecutive images, each at the same position of the order
+                    block = workspace[row:row + n_img * take].view(n_img, take, d)
+                    col = 0
+                    for start, n in _runs(self.perm, pos, take):
+                        out = block[:, col:col + n]
+                        if n_img > 1 and n < take:   # expand needs a contiguous [n, count, d]
+                            tmp = torch.empty((n_img, n, d), dtype=block.dtype, device=device)
+                            expand_into(tmp, self.levels[b:b + n_img], self.offsets, L,
+                                        self.q, start, self.backend)
+                            out.copy_(tmp)
+                        else:
+                            expand_into(out, self.levels[b:b + n_img], self.offsets, L,
+                                        self.q, start, self.backend)
+                        col += n
+                    image_of_row[row:row + n_img * take] = np.repeat(
+                        np.arange(b, b + n_img), take)
+                    row += n_img * take
+                logits = self.call(self.model, workspace[:rows].view(rows, *self.shape))
+                check_logits(logits, rows, K)
+                if counts is None:
+                    K = logits.shape[1]
+                    counts = torch.zeros((B, K), dtype=torch.int64, device=device)
                     if self.margin > 0:
-                        amb = torch.zeros((rows, K), dtype=torch.int64, device=device)
-                        vote_margin_into(votes, amb, nan_rows, logits, 0, 1, self.margin,
-                                         self.backend)
-                        ambiguous.index_add_(0, index, amb)
-                    else:
-                        vote_into(votes, nan_rows, logits, 0, 1, self.backend)
-                    counts.index_add_(0, index, votes)
-                    if nan_rows.item():  # the one host sync of the round (with the look)
-                        bad = sorted({b for b, _, _ in segments})
-                        raise ValueError(f"model returned NaN logits for {nan_rows.item()} "
-                                         f"input(s) of image(s) {bad[0]}..{bad[-1]}")
-                    for b, _, take in segments:
-                        evaluated[b] += take
-                        plan[b] -= take
-                    ready = np.array([b for b, _, _ in segments if plan[b] == 0], dtype=np.int64)
-                    if len(ready):
-                        idx = torch.from_numpy(ready).to(device)
-                        c = counts.index_select(0, idx).cpu()
-                        a = ambiguous.index_select(0, idx).cpu() if ambiguous is not None else None
-                        self._look(ready, c, a, evaluated, looks, done, plan)
-        finally:
-            torch.backends.cudnn.benchmark = previous_benchmark
+                        ambiguous = torch.zeros((B, K), dtype=torch.int64, device=device)
+                # one vote row per input, then added into its image's counts
+                votes = torch.zeros((rows, K), dtype=torch.int64, device=device)
+                index = torch.from_numpy(image_of_row).to(device)
+                if self.margin > 0:
+                    amb = torch.zeros((rows, K), dtype=torch.int64, device=device)
+                    vote_margin_into(votes, amb, nan_rows, logits, 0, 1, self.margin,
+                                     self.backend)
+                    ambiguous.index_add_(0, index, amb)
+                else:
+                    vote_into(votes, nan_rows, logits, 0, 1, self.backend)
+                counts.index_add_(0, index, votes)
+                if nan_rows.item():  # the one host sync of the round (with the look)
+                    bad = sorted({b for b, _, _ in segments})
+                    raise ValueError(f"model returned NaN logits for {nan_rows.item()} "
+                                     f"input(s) of image(s) {bad[0]}..{bad[-1]}")
+                for b, _, take in segments:
+                    evaluated[b] += take
+                    plan[b] -= take
+                ready = np.array([b for b, _, _ in segments if plan[b] == 0], dtype=np.int64)
+                if len(ready):
+                    idx = torch.from_numpy(ready).to(device)
+                    c = counts.index_select(0, idx).cpu()
+                    a = ambiguous.index_select(0, idx).cpu() if ambiguous is not None else None
+                    self._look(ready, c, a, evaluated, looks, done, plan)
         if counts is None:  # every image was decided before any variant ran
             K = K or 0      # the model never ran: K unknown unless num_classes was given
             counts = torch.zeros((B, K), dtype=torch.int64, device=device)

@@ -4,6 +4,7 @@ votes into int64 counts, repeat. Memory is bounded by the workspace, whatever th
 of inputs per image; images share a forward batch when they have few inputs each."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -77,6 +78,19 @@ class ModelCall:
         self.dtype, self.channels_last = dtype, bool(channels_last)
         self.autocast, self.cudnn_benchmark = autocast, cudnn_benchmark
 
+    @contextlib.contextmanager
+    def session(self):
+        """The context the model runs in: inference mode, and cudnn.benchmark set as asked
+        (restored afterwards)."""
+        previous = torch.backends.cudnn.benchmark
+        if self.cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = bool(self.cudnn_benchmark)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
     def __call__(self, model, inputs):
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -113,39 +127,33 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
     if margin > 0 and not return_ambiguous:
         raise ValueError("run_votes: a margin needs return_ambiguous=True (ambiguous inputs "
                          "vote for no class)")
-    previous_benchmark = torch.backends.cudnn.benchmark
-    if call.cudnn_benchmark is not None:
-        torch.backends.cudnn.benchmark = bool(call.cudnn_benchmark)
-    try:
-        with torch.inference_mode():
-            workspace = torch.empty((rows_max, d), dtype=call.dtype, device=device)
-            nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
-            for pos in tqdm(range(0, total, rows_max), desc=desc, unit="batch",
-                            disable=not progress):
-                end = min(pos + rows_max, total)
-                row = 0
-                for b, n, t, count in windows(pos, end, per_image):
-                    fill(workspace[row:row + n * count].view(n, count, d), b, t)
-                    row += n * count
-                logits = call(model, workspace[:end - pos].view(end - pos, *shape))
-                check_logits(logits, end - pos, num_classes)
-                if counts is None:
-                    num_classes = logits.shape[1]
-                    counts = torch.zeros((num_images, num_classes), dtype=torch.int64,
-                                         device=device)
-                    ambiguous = torch.zeros_like(counts) if return_ambiguous else None
-                first = pos // per_image
-                row0 = pos - first * per_image
-                if margin > 0:
-                    vote_margin_into(counts[first:], ambiguous[first:], nan_rows, logits, row0,
-                                     per_image, margin, backend)
-                else:
-                    vote_into(counts[first:], nan_rows, logits, row0, per_image, backend)
-                if on_cpu and nan_rows.item():
-                    raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s) "
-                                     f"of image(s) {first}..{(end - 1) // per_image}")
-    finally:
-        torch.backends.cudnn.benchmark = previous_benchmark
+    with call.session():
+        workspace = torch.empty((rows_max, d), dtype=call.dtype, device=device)
+        nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
+        for pos in tqdm(range(0, total, rows_max), desc=desc, unit="batch",
+                        disable=not progress):
+            end = min(pos + rows_max, total)
+            row = 0
+            for b, n, t, count in windows(pos, end, per_image):
+                fill(workspace[row:row + n * count].view(n, count, d), b, t)
+                row += n * count
+            logits = call(model, workspace[:end - pos].view(end - pos, *shape))
+            check_logits(logits, end - pos, num_classes)
+            if counts is None:
+                num_classes = logits.shape[1]
+                counts = torch.zeros((num_images, num_classes), dtype=torch.int64,
+                                     device=device)
+                ambiguous = torch.zeros_like(counts) if return_ambiguous else None
+            first = pos // per_image
+            row0 = pos - first * per_image
+            if margin > 0:
+                vote_margin_into(counts[first:], ambiguous[first:], nan_rows, logits, row0,
+                                 per_image, margin, backend)
+            else:
+                vote_into(counts[first:], nan_rows, logits, row0, per_image, backend)
+            if on_cpu and nan_rows.item():
+                raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s) "
+                                 f"of image(s) {first}..{(end - 1) // per_image}")
     if nan_rows.item():  # devices: one sync at the end, not one per chunk
         raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s)")
     return (counts, ambiguous) if return_ambiguous else counts

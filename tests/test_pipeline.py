@@ -72,3 +72,34 @@ def test_dssn_class_predict_and_certify():
     assert torch.equal(cert.counts, expected.counts)
     assert torch.equal(smooth.predict(x), expected.prediction)
     assert cert.num_variants == dk.num_variants(0.12) == cert.counts.sum(1)[0]
+
+
+@pytest.mark.parametrize("entry", ["certify", "certify_at", "predict"])
+def test_cudnn_benchmark_is_set_for_the_model_and_restored(entry):
+    """cudnn_benchmark=True holds while the model runs, in inference mode, and the previous
+    setting comes back afterwards, also when the model raises."""
+    seen = []
+
+    def model(z):
+        seen.append((torch.backends.cudnn.benchmark, torch.is_inference_mode_enabled()))
+        return z.reshape(z.shape[0], -1)[:, :3]
+
+    def failing(z):
+        model(z)
+        raise RuntimeError("boom")
+
+    x = torch.randint(0, 256, (2, 1, 2, 2), dtype=torch.uint8)
+    run = {"certify": lambda m: dk.certify(m, x, L=5, cudnn_benchmark=True),
+           "certify_at": lambda m: dk.certify_at(m, x, 0.0, L=5, cudnn_benchmark=True),
+           "predict": lambda m: dk.predict(m, x, L=5, cudnn_benchmark=True)}[entry]
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        run(model)
+        assert seen and all(flags == (True, True) for flags in seen)
+        assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(RuntimeError, match="boom"):
+            run(failing)
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = previous

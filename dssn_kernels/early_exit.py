@@ -367,9 +367,10 @@ def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0,
     prediction = torch.where(known, decisions.leader(c), torch.full_like(m, -1))
     assert bool((yes | no).all()) and (not settle_prediction or bool(known.all()))
     return Decision(prediction=prediction.to(counts.device),
-                    evaluated=torch.from_numpy(evaluated).to(counts.device), counts=counts, ambiguous=ambiguous, num_variants=run.L, q=q,
-                    backend=run.backend, margin=run.margin, certified=yes.to(counts.device),
-                    radius=radius, steps_required=steps)
+                    evaluated=torch.from_numpy(evaluated).to(counts.device), counts=counts,
+                    ambiguous=ambiguous, num_variants=run.L, q=q, backend=run.backend,
+                    margin=run.margin, certified=yes.to(counts.device), radius=radius,
+                    steps_required=steps)
 
 
 def predict(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, margin=0.0,

@@ -128,6 +128,16 @@ def git_commit():
     return out.stdout.strip() or None
 
 
+def arg_parser(doc: str, quick_help: str, out_help: str | None = None):
+    """The argument parser of a benchmark script: its description (the first paragraph
+    of doc), --quick and --out (default DEFAULT_OUT)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=out_help)
+    return p
+
+
 def check_device(device: str) -> str:
     device = str(device)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -203,9 +213,32 @@ def write_report(out: Path, stem: str, result: dict, md: str) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+def publish(out: Path, stem: str, result: dict, md: str, plot=None) -> dict:
+    """The end of a benchmark script: plot(result, <out>/<stem>.png) unless plot is None,
+    then <stem>.json and <stem>.md (write_report), the PNG's path added to
+    result["files"], and md printed; returns result."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    png = None if plot is None else plot(result, Path(out) / f"{stem}.png")
+    result["files"] = write_report(out, stem, result, md)
+    if png:
+        result["files"]["png"] = png
+    print(md)
+    return result
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: Path, env: dict) -> str:
+    """Titles fig with the model and the device of env, writes it to path (100 dpi) and
+    closes it; returns str(path)."""
+    fig.suptitle(f"{env['model_name']} on {env['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return str(path)

@@ -441,19 +441,13 @@ def plot(result, path: Path) -> str:
         b.set_title("peak memory against L", fontsize=9)
         b.legend(fontsize=8)
         b.grid(True, alpha=0.3)
-    fig.suptitle(f"{env['model_name']} on {env['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return bc.save_figure(fig, path, env)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: B=2, 2 repetitions, sigma 0.25 only; one B=1 memory "
-                        "probe at sigma 0.25 and 3.5, first backend only")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p = bc.arg_parser(__doc__, "CI smoke run: B=2, 2 repetitions, sigma 0.25 only; one B=1 "
+                               "memory probe at sigma 0.25 and 3.5, first backend only",
+                      out_help="output folder")
     p.add_argument("--stem", default="overhead", help="output file names <stem>.{json,md,png}")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--batch-size", type=int, default=256, help="forward batch size")
@@ -519,14 +513,8 @@ def main(argv=None) -> dict:
     model = build_model(args.model, args.seed, args.device)
     result = {"environment": environment(args, model), "timings": measure(args, model)}
     result["memory"] = None if args.no_memory else memory(args, model)
-    md = markdown(result)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    png = None if args.no_plot else plot(result, Path(args.out) / f"{args.stem}.png")
-    result["files"] = bc.write_report(args.out, args.stem, result, md)
-    if png:
-        result["files"]["png"] = png
-    print(md)
-    return result
+    return bc.publish(args.out, args.stem, result, markdown(result),
+                      None if args.no_plot else plot)
 
 
 if __name__ == "__main__":

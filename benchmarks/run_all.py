@@ -26,7 +26,6 @@ status 1 if a step failed (the others still run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -105,6 +104,21 @@ def _micro_markdown(data: dict, env: dict, skipped: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run(cmd, args, threads_var: str, tail: int) -> None:
+    """Runs cmd in the repository root, with --threads passed on in the environment
+    variable threads_var; prints the last tail characters of its stdout to stderr and
+    raises RuntimeError if it fails."""
+    env = dict(os.environ)
+    if args.threads is not None:
+        env[threads_var] = str(args.threads)
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
+                          check=False)
+    print(proc.stdout[-tail:], file=sys.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
 def step_micro_ops(args) -> dict:
     import test_micro_ops as micro
     out = Path(args.out)
@@ -115,15 +129,7 @@ def step_micro_ops(args) -> dict:
     if args.quick:
         cmd += ["--benchmark-max-time=0.05", "--benchmark-min-rounds=3",
                 "--benchmark-warmup=off"]
-    env = dict(os.environ)
-    if args.threads is not None:
-        env["DSSN_BENCH_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
-                          check=False)
-    print(proc.stdout[-4000:], file=sys.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _run(cmd, args, threads_var="DSSN_BENCH_THREADS", tail=4000)
     data = json.loads(raw.read_text())
     skipped = micro.skip_reasons()
     ran = sorted({b.get("extra_info", {}).get("backend") for b in data.get("benchmarks", [])})
@@ -142,22 +148,12 @@ def step_early_exit(args) -> dict:
     out = Path(args.out)
     cmd = [sys.executable, str(script), "--out", str(out), "--device", args.device]
     cmd += ["--quick"] if args.quick else []
-    env = dict(os.environ)
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
-                          check=False)
-    print(proc.stdout[-6000:], file=sys.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _run(cmd, args, threads_var="OMP_NUM_THREADS", tail=6000)
     return {"json": str(out / "early_exit.json"), "md": str(out / "early_exit.md")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="everything small (CI smoke run)")
-    p.add_argument("--out", type=Path, default=bc.DEFAULT_OUT, help="output folder")
+    p = bc.arg_parser(__doc__, "everything small (CI smoke run)", out_help="output folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--model", choices=("small", "wrn40-2"), default=None,
                    help="model of the Monte Carlo comparison (default: small on a CPU, "

@@ -25,7 +25,6 @@ forward / DSSN seconds per forward). Writes vs_monte_carlo.{json,md,png} into --
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -130,33 +129,26 @@ def plot(result, path: Path) -> str:
     rows, env = result["rows"], result["environment"]
     sig = [r["sigma"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(sig, [r["mc_s_per_image"] for r in rows], "o-", label="Yang et al. (MC, n=100k)")
-    a.plot(sig, [r["dssn_s_per_image"] for r in rows], "s-", label="DSSN (exact)")
-    a.set_yscale("log")
-    a.set_xlabel("sigma")
-    a.set_ylabel("certification time per image (s)")
-    a.legend()
-    a.grid(True, which="both", alpha=0.3)
-    b.plot(sig, [r["speedup"] for r in rows], "o-", label="measured speedup")
-    b.plot(sig, [r["speedup_goal"] for r in rows], "k--", label="goal 0.9 (n0+n)/L")
-    b.set_yscale("log")
-    b.set_xlabel("sigma")
-    b.set_ylabel("MC time / DSSN time")
-    b.legend()
-    b.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{env['model_name']} on {env['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    panels = [(a, "certification time per image (s)",
+               [("mc_s_per_image", "o-", "Yang et al. (MC, n=100k)"),
+                ("dssn_s_per_image", "s-", "DSSN (exact)")]),
+              (b, "MC time / DSSN time",
+               [("speedup", "o-", "measured speedup"),
+                ("speedup_goal", "k--", "goal 0.9 (n0+n)/L")])]
+    for ax, ylabel, series in panels:
+        for key, style, label in series:
+            ax.plot(sig, [r[key] for r in rows], style, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("sigma")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    return bc.save_figure(fig, path, env)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 DSSN image, 1 repetition, MC timed with n = 512 "
-                        "and extrapolated")
-    p.add_argument("--out", type=Path, default=bc.DEFAULT_OUT)
+    p = bc.arg_parser(__doc__, "smoke run: 1 DSSN image, 1 repetition, MC timed with "
+                               "n = 512 and extrapolated")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--model", choices=bc.MODELS, default="small")
     p.add_argument("--backend", default="auto", help="DSSN backend (default auto)")
@@ -209,14 +201,8 @@ def main(argv=None) -> dict:
                          mc_backend=resolve_backend("auto", device),
                          sigmas=list(args.sigmas), quick=args.quick, seed=args.seed)
     result = {"environment": env, "rows": measure(args, model, device)}
-    md = markdown(result)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    png = None if args.no_plot else plot(result, Path(args.out) / f"{STEM}.png")
-    result["files"] = bc.write_report(args.out, STEM, result, md)
-    if png:
-        result["files"]["png"] = png
-    print(md)
-    return result
+    return bc.publish(args.out, STEM, result, markdown(result),
+                      None if args.no_plot else plot)
 
 
 if __name__ == "__main__":

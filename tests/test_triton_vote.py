@@ -3,14 +3,10 @@
 Runs in Triton's interpreter on CPU tensors where there is no GPU (conftest sets
 TRITON_INTERPRET=1), on CUDA tensors with TRITON_INTERPRET=0 on an sm_80+ GPU.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+
+from triton_ptx import ATOMICS, run_ptx_probe
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 
@@ -163,44 +159,10 @@ def test_rejects_bad_arguments(bad):
 # Compiles the kernel for sm_80 (no GPU needed: triton ships ptxas) in a process without
 # TRITON_INTERPRET: every logits dtype, and every int argument equal to 1 (Triton
 # specializes those into constexprs, which the interpreter never does).
-_PTX_PROBE = r"""
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dssn_kernels.triton import vote as V
-ints = ["R", "K", "stride_r", "stride_k", "row0", "rows_per_image"]
-report = {}
-for lt in ("*fp32", "*fp16", "*bf16", "*fp64"):
-    sig = {"counts_ptr": "*i64", "nan_ptr": "*i64", "logits_ptr": lt}
-    sig.update({k: "i32" for k in ints} | {"BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
-                                           "IS_FP64": "constexpr"})
-    src = ASTSource(fn=V._vote_kernel, signature=sig,
-                    constexprs={"BLOCK_R": 4, "BLOCK_K": 1024, "IS_FP64": lt == "*fp64"})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 80, 32),
-                         options={"num_warps": 8}).asm["ptx"]
-    report[lt] = sorted(set(re.findall(r"\b(?:atom|red)\.[\w.]+", ptx)))
-sig = {"counts_ptr": "*i64", "nan_ptr": "*i64", "logits_ptr": "*fp32"}
-sig.update({k: "constexpr" for k in ints + ["BLOCK_R", "BLOCK_K", "IS_FP64"]})
-consts = {k: 1 for k in ints} | {"BLOCK_R": 1, "BLOCK_K": 1, "IS_FP64": False}
-triton.compile(ASTSource(fn=V._vote_kernel, signature=sig, constexprs=consts),
-               target=GPUTarget("cuda", 80, 32), options={"num_warps": 1})
-print(json.dumps(report))
-"""
-
-
 def test_compiles_for_sm80_with_integer_atomics():
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"this triton cannot compile ahead of time here ({exc})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_ptx_probe("vote", "_vote_kernel",
+                           {"counts_ptr": "*i64", "nan_ptr": "*i64", "logits_ptr": None},
+                           ATOMICS, ones_too=True)
     assert len(report) == 4
     for dtype, ops in report.items():
         assert ops and all(op.endswith("add.u64") for op in ops), (dtype, ops)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import dssn_kernels as dk
 import dssn_reference as ref
 from dssn_kernels.ops import vote_into, vote_margin_into
+from triton_ptx import ATOMICS, run_ptx_probe
 
 BACKENDS = dk.available_backends()     # torch, cpp, triton (interpreter) here
 
@@ -229,48 +230,12 @@ def test_random_ties_match_reference(data, K, R, dtype, tau):
 # Compiles the margin kernel for sm_80 (no GPU needed: triton ships ptxas) in a process
 # without TRITON_INTERPRET, fp-fusion on: every logits dtype; votes are integer atomics
 # and the exact float64 gap test has no fused multiply-add.
-_MARGIN_PTX_PROBE = r"""
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dssn_kernels.triton import vote_margin as VM
-ints = ["R", "K", "stride_r", "stride_k", "row0", "rows_per_image"]
-report = {}
-for lt in ("*fp32", "*fp16", "*bf16", "*fp64"):
-    sig = {"counts_ptr": "*i64", "amb_ptr": "*i64", "nan_ptr": "*i64", "logits_ptr": lt,
-           "tau_ptr": "*fp64"}
-    sig.update({k: "i32" for k in ints} | {"BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
-                                           "IS_FP64": "constexpr"})
-    src = ASTSource(fn=VM._vote_margin_kernel, signature=sig,
-                    constexprs={"BLOCK_R": 4, "BLOCK_K": 1024, "IS_FP64": lt == "*fp64"})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 80, 32),
-                         options={"num_warps": 8}).asm["ptx"]
-    report[lt] = {"atomics": sorted(set(re.findall(r"\b(?:atom|red)\.[\w.]+", ptx))),
-                  "fma": sorted(set(re.findall(r"\bfma\.[\w.]+", ptx)))}
-print(json.dumps(report))
-"""
-
-
 def test_margin_kernel_compiles_for_sm80_with_integer_atomics_and_no_fma():
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"this triton cannot compile ahead of time here ({exc})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _MARGIN_PTX_PROBE], env=env,
-                          capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_ptx_probe("vote_margin", "_vote_margin_kernel",
+                           {"counts_ptr": "*i64", "amb_ptr": "*i64", "nan_ptr": "*i64",
+                            "logits_ptr": None, "tau_ptr": "*fp64"},
+                           {"atomics": ATOMICS, "fma": r"\bfma\.[\w.]+"},
+                           force_fp_fusion=True)
     assert len(report) == 4
     for dtype, found in report.items():
         assert found["atomics"] and all(op.endswith("add.u64") for op in found["atomics"]), \

@@ -60,6 +60,21 @@ void expand_cuda(at::Tensor out, const at::Tensor& levels, const at::Tensor& off
   check_launch(err, "dssn::expand_");
 }
 
+// The launch of vote_ / vote_margin_ (op) on logits' rows, once the arguments are checked:
+// nothing for no rows; otherwise, on out's device and its current stream, calls
+// launch(p, R, K, stream) with p the data of logits made contiguous (of logits' dtype) and
+// checks the cudaError_t it returns.
+template <typename Launch>
+void launch_vote_op(const char* op, const at::Tensor& out, const at::Tensor& logits,
+                    Launch&& launch) {
+  const int64_t R = logits.size(0), K = logits.size(1);
+  if (R == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor x = logits.contiguous();
+  check_launch(launch(static_cast<const void*>(x.data_ptr()), R, K, stream), op);
+}
+
 void vote_cuda(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
                int64_t row0, int64_t rows_per_image) {
   dssn::checks::vote_args(counts, nan_rows, logits, row0, rows_per_image);
@@ -68,30 +83,23 @@ void vote_cuda(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
               "dssn::vote_: counts, nan_rows and logits must be on the same CUDA device, "
               "got ", counts.device(), ", ", nan_rows.device(), " and ", logits.device());
   const auto type = logits.scalar_type();
-  const int64_t R = logits.size(0), K = logits.size(1);
-  if (R == 0) return;
-
-  const c10::cuda::CUDAGuard guard(counts.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor x = logits.contiguous();
-  int64_t* c = counts.data_ptr<int64_t>();
-  int64_t* n = nan_rows.data_ptr<int64_t>();  // the single element, whatever its strides
-  const void* p = x.data_ptr();
-  cudaError_t err;
-  if (type == at::kFloat) {
-    err = dssn_vote_f32(c, n, static_cast<const float*>(p), R, K, row0, rows_per_image,
-                        stream);
-  } else if (type == at::kDouble) {
-    err = dssn_vote_f64(c, n, static_cast<const double*>(p), R, K, row0, rows_per_image,
-                        stream);
-  } else if (type == at::kHalf) {
-    err = dssn_vote_f16(c, n, static_cast<const __half*>(p), R, K, row0, rows_per_image,
-                        stream);
-  } else {
-    err = dssn_vote_bf16(c, n, static_cast<const __nv_bfloat16*>(p), R, K, row0,
-                         rows_per_image, stream);
-  }
-  check_launch(err, "dssn::vote_");
+  launch_vote_op("dssn::vote_", counts, logits,
+                 [&](const void* p, int64_t R, int64_t K, cudaStream_t stream) {
+    int64_t* c = counts.data_ptr<int64_t>();
+    int64_t* n = nan_rows.data_ptr<int64_t>();  // the single element, whatever its strides
+    if (type == at::kFloat) {
+      return dssn_vote_f32(c, n, static_cast<const float*>(p), R, K, row0, rows_per_image,
+                           stream);
+    } else if (type == at::kDouble) {
+      return dssn_vote_f64(c, n, static_cast<const double*>(p), R, K, row0, rows_per_image,
+                           stream);
+    } else if (type == at::kHalf) {
+      return dssn_vote_f16(c, n, static_cast<const __half*>(p), R, K, row0, rows_per_image,
+                           stream);
+    }
+    return dssn_vote_bf16(c, n, static_cast<const __nv_bfloat16*>(p), R, K, row0,
+                          rows_per_image, stream);
+  });
 }
 
 void vote_margin_cuda(at::Tensor counts, at::Tensor ambiguous, at::Tensor nan_rows,
@@ -105,31 +113,24 @@ void vote_margin_cuda(at::Tensor counts, at::Tensor ambiguous, at::Tensor nan_ro
               "CUDA device, got ", counts.device(), ", ", ambiguous.device(), ", ",
               nan_rows.device(), " and ", logits.device());
   const auto type = logits.scalar_type();
-  const int64_t R = logits.size(0), K = logits.size(1);
-  if (R == 0) return;
-
-  const c10::cuda::CUDAGuard guard(counts.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor x = logits.contiguous();
-  int64_t* c = counts.data_ptr<int64_t>();
-  int64_t* a = ambiguous.data_ptr<int64_t>();
-  int64_t* n = nan_rows.data_ptr<int64_t>();
-  const void* p = x.data_ptr();
-  cudaError_t err;
-  if (type == at::kFloat) {
-    err = dssn_vote_margin_f32(c, a, n, static_cast<const float*>(p), R, K, row0,
-                               rows_per_image, margin, stream);
-  } else if (type == at::kDouble) {
-    err = dssn_vote_margin_f64(c, a, n, static_cast<const double*>(p), R, K, row0,
-                               rows_per_image, margin, stream);
-  } else if (type == at::kHalf) {
-    err = dssn_vote_margin_f16(c, a, n, static_cast<const __half*>(p), R, K, row0,
-                               rows_per_image, margin, stream);
-  } else {
-    err = dssn_vote_margin_bf16(c, a, n, static_cast<const __nv_bfloat16*>(p), R, K, row0,
-                                rows_per_image, margin, stream);
-  }
-  check_launch(err, "dssn::vote_margin_");
+  launch_vote_op("dssn::vote_margin_", counts, logits,
+                 [&](const void* p, int64_t R, int64_t K, cudaStream_t stream) {
+    int64_t* c = counts.data_ptr<int64_t>();
+    int64_t* a = ambiguous.data_ptr<int64_t>();
+    int64_t* n = nan_rows.data_ptr<int64_t>();
+    if (type == at::kFloat) {
+      return dssn_vote_margin_f32(c, a, n, static_cast<const float*>(p), R, K, row0,
+                                  rows_per_image, margin, stream);
+    } else if (type == at::kDouble) {
+      return dssn_vote_margin_f64(c, a, n, static_cast<const double*>(p), R, K, row0,
+                                  rows_per_image, margin, stream);
+    } else if (type == at::kHalf) {
+      return dssn_vote_margin_f16(c, a, n, static_cast<const __half*>(p), R, K, row0,
+                                  rows_per_image, margin, stream);
+    }
+    return dssn_vote_margin_bf16(c, a, n, static_cast<const __nv_bfloat16*>(p), R, K, row0,
+                                 rows_per_image, margin, stream);
+  });
 }
 
 }  // namespace

@@ -53,49 +53,113 @@ __device__ __forceinline__ bool beats(acc_t v, long long i, acc_t bv, long long 
   return v > bv || (v == bv && i < bi);
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t larger(acc_t a, acc_t b) {
+  return b > a ? b : a;
+}
+
+// The rows of a warp: r = first, first + step, ... (< R). r is the same for all lanes of a
+// warp, so every shuffle in the loop body has the full warp.
+struct WarpRows {
+  int lane;
+  int64_t first, step;
+};
+
+__device__ __forceinline__ WarpRows warp_rows() {
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  return {int(threadIdx.x) & (kWarp - 1),
+          int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp,
+          int64_t(gridDim.x) * warps_per_block};
+}
+
+// The reduction of one row by its warp. best, arg (and runner) are the row's on lane 0;
+// nan is the row's on every lane.
+template <typename acc_t>
+struct RowTop {
+  acc_t best;     // the maximum of the non-NaN columns
+  acc_t runner;   // kRunner only: the maximum once the entry (best, arg) is removed
+  long long arg;  // the first column holding best; K (sentinel) when there is none
+  bool nan;       // the row holds a NaN
+};
+
+// Each lane scans the columns lane, lane + 32, ... keeping the lexicographic maximum of
+// (value, -index) (and, with kRunner, the runner-up); the lanes are then merged by the same
+// rule with shuffles (runner-up: the larger of both runners-up and the losing maximum).
+template <bool kRunner, typename scalar_t>
+__device__ __forceinline__ RowTop<typename Cmp<scalar_t>::type> reduce_row(
+    const scalar_t* __restrict__ row, int64_t K, int lane) {
+  using acc_t = typename Cmp<scalar_t>::type;
+  RowTop<acc_t> t{acc_t(0), -acc_t(HUGE_VAL), K, false};  // arg = K: loses to any column
+  for (int64_t c = lane; c < K; c += kWarp) {
+    const acc_t v = to_cmp(row[c]);
+    if (isnan(v)) {
+      t.nan = true;
+    } else if (t.arg == K || v > t.best) {  // columns ascend within a lane: first max wins
+      if (kRunner && t.arg != K) t.runner = t.best;
+      t.best = v;
+      t.arg = c;
+    } else if (kRunner) {
+      t.runner = larger(t.runner, v);
+    }
+  }
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    const acc_t other_best = __shfl_down_sync(kFullMask, t.best, off);
+    acc_t other_runner = t.runner;
+    if constexpr (kRunner) other_runner = __shfl_down_sync(kFullMask, t.runner, off);
+    const long long other_arg = __shfl_down_sync(kFullMask, t.arg, off);
+    if (other_arg == K) continue;
+    if (t.arg == K) {
+      t.best = other_best;
+      t.runner = other_runner;
+      t.arg = other_arg;
+    } else if (beats(other_best, other_arg, t.best, t.arg)) {
+      if (kRunner) t.runner = larger(larger(t.runner, other_runner), t.best);
+      t.best = other_best;
+      t.arg = other_arg;
+    } else if (kRunner) {
+      t.runner = larger(larger(t.runner, other_runner), other_best);
+    }
+  }
+  t.nan = __any_sync(kFullMask, t.nan);
+  return t;
+}
+
+// Lane 0's vote for a reduced row of image `image`: its argmax, or a NaN row.
+template <typename acc_t>
+__device__ __forceinline__ void cast_vote(unsigned long long* __restrict__ counts,
+                                          unsigned long long* __restrict__ nan_rows,
+                                          int64_t image, int64_t K, const RowTop<acc_t>& t) {
+  if (t.nan) {
+    atomicAdd(nan_rows, 1ull);
+  } else {
+    atomicAdd(counts + image * K + t.arg, 1ull);
+  }
+}
+
+// Blocks for R rows, one warp per row, grid-stride beyond kMaxGrid.
+inline unsigned grid_blocks(int64_t R) {
+  const int64_t warps_per_block = kThreads / kWarp;
+  const int64_t blocks = (R + warps_per_block - 1) / warps_per_block;
+  return unsigned(blocks > kMaxGrid ? kMaxGrid : blocks);
+}
+
+// int64 and unsigned long long are both 64-bit two's complement: adding 1 is the same.
+static_assert(sizeof(unsigned long long) == sizeof(int64_t), "64-bit counters");
+inline unsigned long long* as_u64(int64_t* p) {
+  return reinterpret_cast<unsigned long long*>(p);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     vote_kernel(unsigned long long* __restrict__ counts,
                 unsigned long long* __restrict__ nan_rows,
                 const scalar_t* __restrict__ logits, int64_t R, int64_t K, int64_t row0,
                 int64_t rows_per_image) {
-  using acc_t = typename Cmp<scalar_t>::type;
-  const int lane = int(threadIdx.x) & (kWarp - 1);
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int64_t warp_step = int64_t(gridDim.x) * warps_per_block;
-  // r is the same for all lanes of a warp, so every shuffle below has the full warp.
-  for (int64_t r = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; r < R;
-       r += warp_step) {
-    const scalar_t* row = logits + r * K;
-    acc_t best = acc_t(0);
-    long long arg = K;  // sentinel: loses to any real column
-    bool nan = false;
-    for (int64_t c = lane; c < K; c += kWarp) {
-      const acc_t v = to_cmp(row[c]);
-      if (isnan(v)) {
-        nan = true;
-      } else if (arg == K || v > best) {  // columns ascend within a lane: first max wins
-        best = v;
-        arg = c;
-      }
-    }
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      const acc_t other_best = __shfl_down_sync(kFullMask, best, off);
-      const long long other_arg = __shfl_down_sync(kFullMask, arg, off);
-      if (other_arg != K && (arg == K || beats(other_best, other_arg, best, arg))) {
-        best = other_best;
-        arg = other_arg;
-      }
-    }
-    nan = __any_sync(kFullMask, nan);
-    if (lane == 0) {
-      if (nan) {
-        atomicAdd(nan_rows, 1ull);
-      } else {
-        atomicAdd(counts + ((row0 + r) / rows_per_image) * K + arg, 1ull);
-      }
-    }
+  const WarpRows w = warp_rows();
+  for (int64_t r = w.first; r < R; r += w.step) {
+    const auto t = reduce_row<false>(logits + r * K, K, w.lane);
+    if (w.lane == 0) cast_vote(counts, nan_rows, (row0 + r) / rows_per_image, K, t);
   }
 }
 
@@ -104,14 +168,8 @@ cudaError_t launch_vote(int64_t* counts, int64_t* nan_rows, const scalar_t* logi
                         int64_t R, int64_t K, int64_t row0, int64_t rows_per_image,
                         cudaStream_t stream) {
   if (R <= 0 || K <= 0) return cudaSuccess;
-  const int64_t warps_per_block = kThreads / kWarp;
-  int64_t blocks = (R + warps_per_block - 1) / warps_per_block;
-  if (blocks > kMaxGrid) blocks = kMaxGrid;
-  // int64 and unsigned long long are both 64-bit two's complement: adding 1 is the same.
-  static_assert(sizeof(unsigned long long) == sizeof(int64_t), "64-bit counters");
-  vote_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(
-      reinterpret_cast<unsigned long long*>(counts),
-      reinterpret_cast<unsigned long long*>(nan_rows), logits, R, K, row0, rows_per_image);
+  vote_kernel<scalar_t><<<grid_blocks(R), kThreads, 0, stream>>>(
+      as_u64(counts), as_u64(nan_rows), logits, R, K, row0, rows_per_image);
   return cudaGetLastError();
 }
 
@@ -125,11 +183,6 @@ __device__ __forceinline__ double to_double(__nv_bfloat16 x) {
   return double(__bfloat162float(x));
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t larger(acc_t a, acc_t b) {
-  return b > a ? b : a;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     vote_margin_kernel(unsigned long long* __restrict__ counts,
@@ -137,65 +190,23 @@ __global__ void __launch_bounds__(kThreads)
                        unsigned long long* __restrict__ nan_rows,
                        const scalar_t* __restrict__ logits, int64_t R, int64_t K,
                        int64_t row0, int64_t rows_per_image, double tau) {
-  using acc_t = typename Cmp<scalar_t>::type;
-  const int lane = int(threadIdx.x) & (kWarp - 1);
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int64_t warp_step = int64_t(gridDim.x) * warps_per_block;
-  for (int64_t r = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; r < R;
-       r += warp_step) {
+  const WarpRows w = warp_rows();
+  for (int64_t r = w.first; r < R; r += w.step) {
     const scalar_t* row = logits + r * K;
-    acc_t best = acc_t(0);
-    acc_t runner = -acc_t(HUGE_VAL);  // the maximum of the lane's other columns
-    long long arg = K;                // sentinel: loses to any real column
-    bool nan = false;
-    for (int64_t c = lane; c < K; c += kWarp) {
-      const acc_t v = to_cmp(row[c]);
-      if (isnan(v)) {
-        nan = true;
-      } else if (arg == K || v > best) {  // columns ascend within a lane: first max wins
-        if (arg != K) runner = best;
-        best = v;
-        arg = c;
-      } else {
-        runner = larger(runner, v);
-      }
-    }
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      const acc_t other_best = __shfl_down_sync(kFullMask, best, off);
-      const acc_t other_runner = __shfl_down_sync(kFullMask, runner, off);
-      const long long other_arg = __shfl_down_sync(kFullMask, arg, off);
-      if (other_arg == K) continue;
-      if (arg == K) {
-        best = other_best;
-        runner = other_runner;
-        arg = other_arg;
-      } else if (beats(other_best, other_arg, best, arg)) {
-        runner = larger(larger(runner, other_runner), best);
-        best = other_best;
-        arg = other_arg;
-      } else {
-        runner = larger(larger(runner, other_runner), other_best);
-      }
-    }
-    nan = __any_sync(kFullMask, nan);
+    const auto t = reduce_row<true>(row, K, w.lane);
     // lane 0 holds the row's result; every lane needs the top value and the decision
-    const double top = double(__shfl_sync(kFullMask, best, 0));
-    const int ambiguous_here = int(!nan && dssn::margin_below(top, double(runner), tau));
+    const double top = double(__shfl_sync(kFullMask, t.best, 0));
+    const int ambiguous_here = int(!t.nan && dssn::margin_below(top, double(t.runner), tau));
     const bool amb = __shfl_sync(kFullMask, ambiguous_here, 0) != 0;
     const int64_t image = (row0 + r) / rows_per_image;
     if (amb) {
-      for (int64_t c = lane; c < K; c += kWarp) {
+      for (int64_t c = w.lane; c < K; c += kWarp) {
         if (dssn::margin_below(top, to_double(row[c]), tau)) {
           atomicAdd(ambiguous + image * K + c, 1ull);
         }
       }
-    } else if (lane == 0) {
-      if (nan) {
-        atomicAdd(nan_rows, 1ull);
-      } else {
-        atomicAdd(counts + image * K + arg, 1ull);
-      }
+    } else if (w.lane == 0) {
+      cast_vote(counts, nan_rows, image, K, t);
     }
   }
 }
@@ -205,14 +216,9 @@ cudaError_t launch_vote_margin(int64_t* counts, int64_t* ambiguous, int64_t* nan
                                const scalar_t* logits, int64_t R, int64_t K, int64_t row0,
                                int64_t rows_per_image, double margin, cudaStream_t stream) {
   if (R <= 0 || K <= 0) return cudaSuccess;
-  const int64_t warps_per_block = kThreads / kWarp;
-  int64_t blocks = (R + warps_per_block - 1) / warps_per_block;
-  if (blocks > kMaxGrid) blocks = kMaxGrid;
-  vote_margin_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(
-      reinterpret_cast<unsigned long long*>(counts),
-      reinterpret_cast<unsigned long long*>(ambiguous),
-      reinterpret_cast<unsigned long long*>(nan_rows), logits, R, K, row0, rows_per_image,
-      margin);
+  vote_margin_kernel<scalar_t><<<grid_blocks(R), kThreads, 0, stream>>>(
+      as_u64(counts), as_u64(ambiguous), as_u64(nan_rows), logits, R, K, row0,
+      rows_per_image, margin);
   return cudaGetLastError();
 }
 

@@ -88,6 +88,53 @@ def vote_settings(R: int, K: int) -> tuple[int, int, int]:
     return block_r, block_k, num_warps
 
 
+def check_vote_args(op: str, counts: torch.Tensor, nan_rows: torch.Tensor,
+                    logits: torch.Tensor, row0: int, rows_per_image: int, *,
+                    ambiguous: torch.Tensor | None = None,
+                    min_classes: int = 1) -> tuple[int, int]:
+    """The argument checks of vote_triton and vote_margin_triton (``op``, which names
+    every error, a ValueError): counts (and ambiguous, shaped like counts) contiguous int64
+    [B, K]; nan_rows a contiguous int64 tensor with one element; logits [R, K] of a
+    supported dtype, all on one device, CUDA unless interpreted; row0 >= 0,
+    rows_per_image >= 1; for R > 0, K >= min_classes and every row mapped to an image of
+    counts. Returns (row0, rows_per_image) as ints."""
+    named = [("counts", counts)] + ([] if ambiguous is None else [("ambiguous", ambiguous)])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2 \
+                or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous int64 [B, K] tensor")
+    if ambiguous is not None and ambiguous.shape != counts.shape:
+        raise ValueError(f"{op}: ambiguous {tuple(ambiguous.shape)} must be shaped like "
+                         f"counts {tuple(counts.shape)}")
+    if nan_rows.dtype != torch.int64 or nan_rows.numel() != 1 or not nan_rows.is_contiguous():
+        raise ValueError(f"{op}: nan_rows must be a contiguous int64 tensor with one element")
+    if logits.dim() != 2 or logits.shape[1] != counts.shape[1]:
+        raise ValueError(f"{op}: logits {tuple(logits.shape)} do not match counts "
+                         f"{tuple(counts.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"{op}: logits must be float32, float16, bfloat16 or float64, "
+                         f"got {logits.dtype}")
+    named += [("nan_rows", nan_rows), ("logits", logits)]
+    if len({t.device for _, t in named}) != 1:
+        names = ", ".join(name for name, _ in named[:-1]) + " and logits"
+        devices = ", ".join(str(t.device) for _, t in named)
+        raise ValueError(f"{op}: {names} are on different devices ({devices})")
+    if not KERNEL_INTERPRETED and logits.device.type != "cuda":
+        raise ValueError(f"{op}: needs CUDA tensors (got {logits.device}) unless "
+                         "TRITON_INTERPRET=1")
+    row0, rows_per_image = int(row0), int(rows_per_image)
+    if rows_per_image < 1 or row0 < 0:
+        raise ValueError(f"{op}: bad row mapping (row0={row0}, "
+                         f"rows_per_image={rows_per_image})")
+    R, K = logits.shape
+    if R > 0 and K < min_classes:
+        raise ValueError(f"{op}: logits have no classes" if min_classes == 1 else
+                         f"{op}: logits need at least {min_classes} classes")
+    if R > 0 and (row0 + R - 1) // rows_per_image >= counts.shape[0]:
+        raise ValueError(f"{op}: rows map past the last image of counts")
+    return row0, rows_per_image
+
+
 def vote_triton(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tensor,
                 row0: int, rows_per_image: int) -> None:
     """Adds each row's vote into ``counts`` (in place); rows with a NaN add to nan_rows.
@@ -96,34 +143,11 @@ def vote_triton(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tens
     float32/float16/bfloat16/float64, any strides; row r votes for image
     (row0 + r) // rows_per_image. Same semantics as torch.ops.dssn.vote_.
     """
-    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 \
-            or counts.dim() != 2 or not counts.is_contiguous():
-        raise ValueError("vote_triton: counts must be a contiguous int64 [B, K] tensor")
-    if nan_rows.dtype != torch.int64 or nan_rows.numel() != 1 or not nan_rows.is_contiguous():
-        raise ValueError("vote_triton: nan_rows must be a contiguous int64 tensor with one element")
-    if logits.dim() != 2 or logits.shape[1] != counts.shape[1]:
-        raise ValueError(f"vote_triton: logits {tuple(logits.shape)} do not match counts "
-                         f"{tuple(counts.shape)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(f"vote_triton: logits must be float32, float16, bfloat16 or float64, "
-                         f"got {logits.dtype}")
-    if not (counts.device == nan_rows.device == logits.device):
-        raise ValueError(f"vote_triton: counts, nan_rows and logits are on different devices "
-                         f"({counts.device}, {nan_rows.device}, {logits.device})")
-    if not KERNEL_INTERPRETED and logits.device.type != "cuda":
-        raise ValueError(f"vote_triton: needs CUDA tensors (got {logits.device}) unless "
-                         "TRITON_INTERPRET=1")
-    row0, rows_per_image = int(row0), int(rows_per_image)
-    if rows_per_image < 1 or row0 < 0:
-        raise ValueError(f"vote_triton: bad row mapping (row0={row0}, "
-                         f"rows_per_image={rows_per_image})")
+    row0, rows_per_image = check_vote_args("vote_triton", counts, nan_rows, logits, row0,
+                                           rows_per_image)
     R, K = logits.shape
     if R == 0:
         return
-    if K < 1:
-        raise ValueError("vote_triton: logits have no classes")
-    if (row0 + R - 1) // rows_per_image >= counts.shape[0]:
-        raise ValueError("vote_triton: rows map past the last image of counts")
     block_r, block_k, num_warps = vote_settings(R, K)
     grid = (triton.cdiv(R, block_r),)
     _vote_kernel[grid](counts, nan_rows, logits, R, K, logits.stride(0), logits.stride(1),

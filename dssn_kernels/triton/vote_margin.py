@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .vote import _LOGIT_DTYPES, _column_block, vote_settings
+from .vote import _column_block, check_vote_args, vote_settings
 
 KERNEL_INTERPRETED = interpreting()
 
@@ -91,42 +91,15 @@ def vote_margin_triton(counts: torch.Tensor, ambiguous: torch.Tensor, nan_rows: 
     """Same semantics as torch.ops.dssn.vote_margin_ (in place on counts, ambiguous,
     nan_rows). counts, ambiguous: contiguous int64 [B, K]; nan_rows: int64 with one
     element; logits: [R, K], K >= 2, float32/float16/bfloat16/float64, any strides."""
-    for name, t in (("counts", counts), ("ambiguous", ambiguous)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2 \
-                or not t.is_contiguous():
-            raise ValueError(f"vote_margin_triton: {name} must be a contiguous int64 [B, K] tensor")
-    if ambiguous.shape != counts.shape:
-        raise ValueError(f"vote_margin_triton: ambiguous {tuple(ambiguous.shape)} must be "
-                         f"shaped like counts {tuple(counts.shape)}")
-    if nan_rows.dtype != torch.int64 or nan_rows.numel() != 1 or not nan_rows.is_contiguous():
-        raise ValueError("vote_margin_triton: nan_rows must be a contiguous int64 tensor with "
-                         "one element")
-    if logits.dim() != 2 or logits.shape[1] != counts.shape[1]:
-        raise ValueError(f"vote_margin_triton: logits {tuple(logits.shape)} do not match "
-                         f"counts {tuple(counts.shape)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(f"vote_margin_triton: logits must be float32, float16, bfloat16 or "
-                         f"float64, got {logits.dtype}")
-    if not (counts.device == ambiguous.device == nan_rows.device == logits.device):
-        raise ValueError("vote_margin_triton: counts, ambiguous, nan_rows and logits are on "
-                         "different devices")
-    if not KERNEL_INTERPRETED and logits.device.type != "cuda":
-        raise ValueError(f"vote_margin_triton: needs CUDA tensors (got {logits.device}) unless "
-                         "TRITON_INTERPRET=1")
+    row0, rows_per_image = check_vote_args("vote_margin_triton", counts, nan_rows, logits,
+                                           row0, rows_per_image, ambiguous=ambiguous,
+                                           min_classes=2)
     margin = float(margin)
     if not 0.0 <= margin < float("inf"):
         raise ValueError(f"vote_margin_triton: margin must be finite and >= 0, got {margin}")
-    row0, rows_per_image = int(row0), int(rows_per_image)
-    if rows_per_image < 1 or row0 < 0:
-        raise ValueError(f"vote_margin_triton: bad row mapping (row0={row0}, "
-                         f"rows_per_image={rows_per_image})")
     R, K = logits.shape
     if R == 0:
         return
-    if K < 2:
-        raise ValueError("vote_margin_triton: logits need at least 2 classes")
-    if (row0 + R - 1) // rows_per_image >= counts.shape[0]:
-        raise ValueError("vote_margin_triton: rows map past the last image of counts")
     tau = torch.tensor([margin], dtype=torch.float64, device=logits.device)
     block_r, block_k, num_warps = vote_settings(R, K)
     grid = (triton.cdiv(R, block_r),)

@@ -103,3 +103,27 @@ def test_cudnn_benchmark_is_set_for_the_model_and_restored(entry):
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@pytest.mark.parametrize("entry", ["certify", "certify_at", "predict"])
+def test_one_workspace_for_every_forward(entry):
+    """Every forward batch is a view of one workspace allocated once, of at most
+    batch_size inputs, whatever L: no [B, L, d] tensor is ever built."""
+    storages, rows = set(), []
+
+    def model(z):
+        storages.add(z.untyped_storage().data_ptr())
+        rows.append(z.shape[0])
+        return z.reshape(z.shape[0], -1)[:, :3] * 0 + torch.tensor([0.0, 1.0, 0.0])
+
+    x = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    for L in (5, 300, 3091):
+        storages.clear()
+        rows.clear()
+        if entry == "certify":
+            dk.certify(model, x, L=L, batch_size=64)
+        elif entry == "certify_at":
+            dk.certify_at(model, x, 1.0, L=L, batch_size=64, chunk_size=7)
+        else:
+            dk.predict(model, x, L=L, batch_size=64, chunk_size=7)
+        assert len(storages) == 1 and max(rows) <= 64, (L, len(storages), max(rows))

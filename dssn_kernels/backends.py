@@ -54,10 +54,17 @@ def available_backends(device="cpu") -> list[str]:
     return out
 
 
-def resolve_backend(backend: str, device) -> str:
-    """The concrete backend for tensors on ``device`` (raises if it cannot run there)."""
+def check_backend_name(backend) -> str:
+    """``backend`` if it is one of BACKENDS, else ValueError (whether it runs is
+    resolve_backend's question)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The concrete backend for tensors on ``device`` (raises if it cannot run there)."""
+    check_backend_name(backend)
     device = torch.device(device)
     if backend == "auto":
         if device.type == "cpu":

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .backends import BACKENDS
+from .backends import check_backend_name
 from .certify import Certificate, certify
 from .early_exit import Decision, certify_at, predict
 from .ops import check_margin
 from .pipeline import check_batch_size
-from .spec import resolve_num_variants, split_offsets
+from .spec import check_seed, resolve_num_variants
 
 
 class DSSN:
@@ -30,9 +30,8 @@ class DSSN:
                  backend: str = "auto", margin=0.0):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        split_offsets(1, 1, seed)  # validates the seed
+        check_backend_name(backend)
+        check_seed(seed)
         check_batch_size(batch_size)
         self.base_classifier = base_classifier
         self.num_classes = num_classes
@@ -45,10 +44,9 @@ class DSSN:
 
     def certify(self, x: torch.Tensor, progress: bool = False) -> Certificate:
         """Prediction and certified L1 radius of every image in the batch x [B, ...]."""
-        extra = {"margin": self.margin} if self.margin != 0 else {}
         return certify(self.base_classifier, x, L=self.num_variants, q=self.q, seed=self.seed,
-                       batch_size=self.batch_size, backend=self.backend,
-                       num_classes=self.num_classes, progress=progress, **extra)
+                       margin=self.margin, batch_size=self.batch_size, backend=self.backend,
+                       num_classes=self.num_classes, progress=progress)
 
     def certify_at(self, x: torch.Tensor, radius, **kwargs) -> Decision:
         """Whether every image in the batch x [B, ...] is certified at the L1 ``radius``

@@ -18,6 +18,11 @@ def _check_q(q) -> int:
     return int(q)
 
 
+def _check_levels_plus_variants(q: int, L: int) -> None:
+    if q + L > MAX_LEVELS_PLUS_VARIANTS:
+        raise ValueError(f"q + L = {q + L} exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
+
+
 def num_variants(sigma=None, *, lam=None, q=255) -> int:
     """L = int(2 * lam * q) with lam = sigma / 3**-0.5 (the released code's mapping).
 
@@ -40,8 +45,7 @@ def num_variants(sigma=None, *, lam=None, q=255) -> int:
         raise ValueError(
             f"{name}={value} gives L = int(2*lambda*q) = {L} variants at q={q}: "
             f"need lambda >= 1/(2q) = {1 / (2 * q):.6g} (sigma >= {3 ** -0.5 / (2 * q):.6g})")
-    if q + L > MAX_LEVELS_PLUS_VARIANTS:
-        raise ValueError(f"q + L = {q + L} exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
+    _check_levels_plus_variants(q, L)
     return L
 
 
@@ -59,9 +63,20 @@ def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int
         raise TypeError(f"L must be an int, got {type(L).__name__}")
     if L < 1:
         raise ValueError(f"L must be >= 1, got {L}")
-    if q + L > MAX_LEVELS_PLUS_VARIANTS:
-        raise ValueError(f"q + L = {q + L} exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
+    _check_levels_plus_variants(q, L)
     return int(L)
+
+
+def check_seed(seed) -> int:
+    """The split seed as an int in 0..2**32-1 (TypeError/ValueError otherwise).
+
+    seed=None would make numpy seed from the OS: offsets (and certificates) that change
+    from call to call. The seed is part of the smoothed classifier, so it is required."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int in 0..2**32-1, got {type(seed).__name__}")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an int in 0..2**32-1, got {seed}")
+    return int(seed)
 
 
 def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
@@ -74,13 +89,7 @@ def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
         raise TypeError(f"num_variants must be a positive int, got {type(num_variants).__name__}")
     if num_variants < 1:
         raise ValueError(f"num_variants must be a positive int, got {num_variants!r}")
-    # seed=None would make numpy seed from the OS: offsets (and certificates) that change
-    # from call to call. The seed is part of the smoothed classifier, so it is required.
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int in 0..2**32-1, got {type(seed).__name__}")
-    if not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must be an int in 0..2**32-1, got {seed}")
-    rs = np.random.RandomState(int(seed))
+    rs = np.random.RandomState(check_seed(seed))
     return torch.from_numpy(rs.randint(int(num_variants), size=int(dim)).astype(np.int64))
 
 

@@ -192,6 +192,10 @@ class ResultsFile:
     def by_index(self) -> dict:
         return {r.idx: r for r in self.rows}
 
+    def source(self, where: str | None = None) -> tuple:
+        """(where, rows, lines), a source for merge_rows; ``where`` defaults to the path."""
+        return (str(self.path) if where is None else where, self.rows, self.lines)
+
 
 def _diff(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -384,14 +388,8 @@ def consolidate(out, meta: dict, extra_sources=(), *, overwrite: bool = False) -
         write_atomic(out, meta, [])
         return {}
     existing = read_for_resume(out, meta)
-    sources = []
-    if existing is not None:
-        sources.append((str(out), existing.rows, existing.lines))
-    for p in parts:
-        rf = read_for_resume(p, meta)
-        if rf is not None:
-            sources.append((str(p), rf.rows, rf.lines))
-    sources += list(extra_sources)
+    found = [existing] + [read_for_resume(p, meta) for p in parts]
+    sources = [rf.source() for rf in found if rf is not None] + list(extra_sources)
     if existing is None or len(sources) > 1:
         lines = merge_rows(sources)
         if existing is None or len(lines) != len(existing.lines):

@@ -76,23 +76,12 @@ def _augment(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Ten
 def _batches(dataset, order, batch_size, workers):
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if workers and dataset.images is None:
-        loader = torch.utils.data.DataLoader(
-            _Items(dataset), batch_sampler=chunks, num_workers=workers)
-        yield from loader
+        # LevelDataset is map-style (len, [i] -> (uint8 image, label))
+        yield from torch.utils.data.DataLoader(dataset, batch_sampler=chunks,
+                                               num_workers=workers)
     else:
         for idx in chunks:
             yield dataset.get(idx)
-
-
-class _Items(torch.utils.data.Dataset):
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
 
 
 def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, lam=None,
@@ -157,8 +146,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
     last_loss = last_acc = float("nan")
     for _ in range(epochs):
-        order = torch.randperm(len(ds), generator=g)[:n] if n < len(ds) else \
-            torch.randperm(n, generator=g)
+        order = torch.randperm(len(ds), generator=g)[:n]
         seen = loss_sum = correct = 0
         for x, y in _batches(ds, order, batch_size, workers):
             if augment:
@@ -279,7 +267,7 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
         if overwrite or not ctx.distributed or ctx.is_main:
             return None  # rank 0's parts are found by consolidate()
         rf = read_for_resume(my_part, meta)
-        return None if rf is None else (str(my_part), rf.rows, rf.lines)
+        return None if rf is None else rf.source()
 
     def decide(gathered):
         extra = [g for g in gathered if g is not None]
@@ -316,15 +304,12 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
             counts = cert.counts.cpu().tolist()
             pred = cert.prediction.cpu().tolist()
             radius = cert.radius.cpu().tolist()
-            if margin > 0:
-                lines = [format_row(i, int(lbl), p, r, dt / len(idx), c, num_ambiguous=n,
-                                    ambiguous=a)
-                         for i, lbl, p, r, c, n, a in zip(
-                             idx, y.tolist(), pred, radius, counts,
-                             cert.num_ambiguous.cpu().tolist(), cert.ambiguous.cpu().tolist())]
-            else:
-                lines = [format_row(i, int(lbl), p, r, dt / len(idx), c)
-                         for i, lbl, p, r, c in zip(idx, y.tolist(), pred, radius, counts)]
+            # the two margin columns (results.py), or None for a file without a margin
+            num_amb, amb = ((cert.num_ambiguous.cpu().tolist(), cert.ambiguous.cpu().tolist())
+                            if margin > 0 else ([None] * len(idx),) * 2)
+            lines = [format_row(i, int(lbl), p, r, dt / len(idx), c, num_ambiguous=n, ambiguous=a)
+                     for i, lbl, p, r, c, n, a in zip(idx, y.tolist(), pred, radius, counts,
+                                                      num_amb, amb)]
             writer.write(lines)
             bar.update(len(idx))
     finally:
@@ -335,11 +320,11 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
     if ctx.distributed:
         def my_rows():
             rf = read_for_resume(my_part, meta)
-            return None if rf is None else (f"rank {ctx.rank}", rf.rows, rf.lines)
+            return None if rf is None else rf.source(f"rank {ctx.rank}")
 
         def merge(gathered):
             existing = read_for_resume(out, meta)
-            sources = [] if existing is None else [(str(out), existing.rows, existing.lines)]
+            sources = [] if existing is None else [existing.source()]
             sources += [g for g in gathered if g is not None]
             write_atomic(out, meta, merge_rows(sources))
             return None

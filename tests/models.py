@@ -1,4 +1,5 @@
-"""Tiny deterministic base classifiers for exactness tests.
+"""Helpers shared by the test files: tiny deterministic base classifiers, a tiny
+checkpoint for the command-line tests, and bit views for exactness checks.
 
 IntegerLinear reads each noised pixel back as its integer m = 4q * x~ (exact: x~ is the
 float32 nearest m/(4q)) and scores classes with integer weights in float64, so every
@@ -22,3 +23,39 @@ class IntegerLinear(torch.nn.Module):
         self.calls.append(x.shape[0])
         m = torch.round(x.reshape(x.shape[0], -1).double() * (4 * self.q))
         return m @ self.weight + self.bias
+
+
+class Constant(torch.nn.Module):
+    """Always votes for class c (K classes), whatever the input."""
+
+    def __init__(self, c, K=3):
+        super().__init__()
+        self.c, self.K = c, K
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.K)
+        out[:, self.c] = 1.0
+        return out
+
+
+def bits(t):
+    """The int32 bit pattern of a float32 tensor, for bit-exact comparisons."""
+    return t.contiguous().view(torch.int32)
+
+
+def tiny_checkpoint(path, init_seed=0, sigma=0.5):
+    """A freshly initialised small CNN on digits (no training needed for format tests)."""
+    from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint
+
+    torch.manual_seed(init_seed)
+    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 16}
+    spec = SmoothingSpec.create(sigma=sigma, q=16, seed=0, input_shape=(1, 8, 8), num_classes=10)
+    return save_checkpoint(path, build_model("small_cnn", kwargs), arch="small_cnn",
+                           model_kwargs=kwargs, spec=spec,
+                           dataset={"name": "digits", "split": "train"})
+
+
+def rows_without_time(path):
+    """The lines of a results TSV with the time column (the 6th) dropped from each row."""
+    lines = path.read_text().splitlines()
+    return lines[:2] + ["\t".join(c[:5] + c[6:]) for c in (ln.split("\t") for ln in lines[2:])]

@@ -12,35 +12,16 @@ import torch
 pytest.importorskip("sklearn")
 
 from dssn_kernels import cli, workflow  # noqa: E402
-from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint  # noqa: E402
 from dssn_kernels.data import load_dataset, resize_center_crop  # noqa: E402
 from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
                                   expected_certificate, format_row, header_line, read_results)
+from models import rows_without_time, tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _single_process(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-
-
-def tiny_checkpoint(path, init_seed=0, sigma=0.5):
-    """A freshly initialised small CNN on digits (no training needed for format tests)."""
-    torch.manual_seed(init_seed)
-    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 16}
-    model = build_model("small_cnn", kwargs)
-    spec = SmoothingSpec.create(sigma=sigma, q=16, seed=0, input_shape=(1, 8, 8), num_classes=10)
-    return save_checkpoint(path, model, arch="small_cnn", model_kwargs=kwargs, spec=spec,
-                           dataset={"name": "digits", "split": "train"})
-
-
-def rows_without_time(path):
-    lines = path.read_text().splitlines()
-    out = lines[:2]
-    for line in lines[2:]:
-        cols = line.split("\t")
-        out.append("\t".join(cols[:5] + cols[6:]))
-    return out
 
 
 def run(argv, capsys):

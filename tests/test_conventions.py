@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import dssn_kernels as dk
 import dssn_reference as ref
+from models import bits
 
 # L = int(2 * (sigma / 3**-0.5) * 255): the sigmas of the paper's tables.
 PAPER_L = {0.15: 132, 0.25: 220, 0.5: 441, 1.0: 883, 1.75: 1545, 3.5: 3091}
@@ -96,10 +97,6 @@ def test_variants_use_the_offsets_of_the_flattened_image():
 
 
 # --- training noise -------------------------------------------------------------------
-
-def bits(t):
-    return t.contiguous().view(torch.int32)
-
 
 def matching_variants(sample_bits, all_variant_bits):
     """Indices t with variant t bitwise equal to the sample ([d] vs [L, d])."""

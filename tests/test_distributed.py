@@ -12,22 +12,8 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from dssn_kernels import cli  # noqa: E402
-from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint  # noqa: E402
 from dssn_kernels.results import part_path, read_results  # noqa: E402
-
-
-def tiny_checkpoint(path, init_seed=0):
-    torch.manual_seed(init_seed)
-    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 16}
-    spec = SmoothingSpec.create(sigma=0.5, q=16, seed=0, input_shape=(1, 8, 8), num_classes=10)
-    return save_checkpoint(path, build_model("small_cnn", kwargs), arch="small_cnn",
-                           model_kwargs=kwargs, spec=spec,
-                           dataset={"name": "digits", "split": "train"})
-
-
-def rows_without_time(path):
-    lines = path.read_text().splitlines()
-    return lines[:2] + ["\t".join(c[:5] + c[6:]) for c in (ln.split("\t") for ln in lines[2:])]
+from models import rows_without_time, tiny_checkpoint  # noqa: E402
 
 
 def torchrun(args, nproc=2):

@@ -17,7 +17,7 @@ from dssn_kernels import decisions, early_exit
 from dssn_kernels.certify import certified_steps
 from dssn_kernels.early_exit import variant_order
 from dssn_kernels.ops import vote_margin_into
-from models import IntegerLinear
+from models import Constant, IntegerLinear
 
 
 # --- brute force over completions ---------------------------------------------------------
@@ -370,25 +370,12 @@ def test_chunk_one_stops_at_the_first_settled_prefix(data):
         early_exit._FLOOR_AFTER_LOOKS = floor
 
 
-class Constant(torch.nn.Module):
-    """Always votes for class c (K classes)."""
-
-    def __init__(self, c, K=4):
-        super().__init__()
-        self.c, self.K = c, K
-
-    def forward(self, x):
-        out = torch.zeros(x.shape[0], self.K)
-        out[:, self.c] = 1.0
-        return out
-
-
 @pytest.mark.parametrize("c", [0, 2])
 @pytest.mark.parametrize("L", [1, 2, 27, 100])
 def test_confident_image_stops_after_half_plus_radius(c, L):
     q = 16
     x = torch.randint(0, q + 1, (3, 1, 4, 4)).to(torch.uint8)
-    model = Constant(c)
+    model = Constant(c, K=4)
     for s in range(0, L // 2 + 2):
         dec = dk.certify_at(model, x, Fraction(s, q), L=L, q=q, backend="cpp")
         want_cert = L - (c > 0) >= 2 * s              # the full certificate: N_A = L, rest 0
@@ -404,7 +391,7 @@ def test_confident_image_stops_after_half_plus_radius(c, L):
 
 
 def test_radius_out_of_reach_stops_before_any_variant():
-    model = Constant(1)
+    model = Constant(1, K=4)
     x = torch.zeros(2, 3)
     calls = []
     dec = dk.certify_at(lambda v: calls.append(v.shape[0]) or model(v), x, 5.0, L=10, q=4,

@@ -8,12 +8,9 @@ from hypothesis import given, strategies as st
 
 import dssn_kernels as dk
 import dssn_reference as ref
+from models import bits
 
 BACKENDS = dk.available_backends()  # torch, cpp, and triton through the interpreter
-
-
-def bits(t):
-    return t.contiguous().view(torch.int32)
 
 
 @st.composite

@@ -113,6 +113,11 @@ def parse_result_arg(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
+def load_results(args) -> list[Result]:
+    """The results of ``[LABEL=]PATH`` arguments (parse_result_arg, load_result)."""
+    return [load_result(path, label) for label, path in map(parse_result_arg, map(str, args))]
+
+
 def _nice_step(x: float) -> float:
     """The largest of 1, 2, 2.5, 5 times a power of ten that is <= x."""
     if x <= 0:
@@ -200,10 +205,7 @@ def best_table(results, radii=None, decimals: int = 1) -> str:
 
 def analyze(paths, radii=None, decimals: int = 1) -> str:
     """The report of ``dssn analyze``: per-file accuracies and the best-over-sigma table."""
-    results = []
-    for arg in paths:
-        label, path = parse_result_arg(str(arg))
-        results.append(load_result(path, label))
+    results = load_results(paths)
     if not results:
         raise ResultsError("no result files given")
     empty = [r.path for r in results if len(r) == 0]

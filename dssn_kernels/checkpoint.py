@@ -118,8 +118,7 @@ class SmoothingSpec:
             if given is None:
                 continue
             try:
-                L = num_variants(**{name: given, "q": self.q}) if name == "lam" else \
-                    num_variants(given, q=self.q)
+                L = num_variants(**{name: given}, q=self.q)
             except (TypeError, ValueError):
                 L = None
             if not math.isclose(float(given), have, rel_tol=1e-9, abs_tol=0.0) or L != self.L:
@@ -187,8 +186,6 @@ def plain(obj):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
-    if isinstance(obj, bool):
-        return bool(obj)
     if isinstance(obj, str):
         return str(obj)
     if hasattr(obj, "item") and not isinstance(obj, torch.Tensor):  # numpy scalars

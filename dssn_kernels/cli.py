@@ -215,11 +215,7 @@ def cmd_plot(args) -> int:
     from . import analysis
 
     if args.plot == "curves":
-        results = []
-        for arg in args.files:
-            label, path = analysis.parse_result_arg(arg)
-            results.append(analysis.load_result(path, label))
-        out = analysis.plot_curves(results, args.out, title=args.title)
+        out = analysis.plot_curves(analysis.load_results(args.files), args.out, title=args.title)
     else:
         from .data import load_dataset
 
@@ -232,9 +228,9 @@ def cmd_plot(args) -> int:
         try:
             out = analysis.plot_noise(x, ds.q, args.sigma, args.out, seed=args.seed,
                                       noise_seed=args.noise_seed)
+        except analysis.ResultsError:
+            raise
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, analysis.ResultsError):
-                raise
             raise UsageError(str(exc)) from None
     print(f"plot: {out}")
     return 0

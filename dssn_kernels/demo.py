@@ -26,16 +26,9 @@ from dssn_kernels.backends import resolve_backend
 from dssn_kernels.data import digits_levels
 
 Q = 16
-NUM_CLASSES = 10
 DEFAULT_SIGMAS = (0.25, 0.5, 1.0)
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 DEFAULT_OUT = Path("runs") / "demo"
-
-
-def load_digits_levels(seed: int = 0, test_fraction: float = 0.3):
-    """(x_train, y_train, x_test, y_test): uint8 levels 0..16 shaped [N, 1, 8, 8] and
-    int64 labels, split stratified with ``seed`` (the data sets of ``dssn`` use seed 0)."""
-    return digits_levels(seed, test_fraction)
 
 
 def format_table(results, radii) -> str:
@@ -97,7 +90,7 @@ def main(argv=None):
     print(f"dssn_kernels {dk.__version__}, torch {torch.__version__}, scikit-learn "
           f"{sklearn.__version__}, python {platform.python_version()}; "
           f"CPU backends {backends} (auto -> {backend}); {torch.get_num_threads()} threads")
-    xtr, _, xte, _ = load_digits_levels()
+    xtr, _, xte, _ = digits_levels()
     max_index = 100 if args.quick else None
     num_test = min(len(xte), max_index or len(xte))
     print(f"digits: {len(xtr)} train / {num_test} test images, 1x8x8, q={Q}; "
@@ -120,7 +113,7 @@ def main(argv=None):
         res_file = analysis.load_result(tsv)
         assert len(res_file) == num_test and res_file.L == L
         res = {
-            "sigma": float(sigma), "L": L, "max_radius": (L // 2) / Q, "num_test": len(res_file),
+            "sigma": float(sigma), "L": L, "max_radius": res_file.max_radius, "num_test": len(res_file),
             "clean_accuracy": res_file.clean_accuracy(),
             "certified_accuracy": {float(r): res_file.certified_accuracy(r) for r in args.radii},
             "train_seconds": trained["seconds"], "certify_seconds": cert_s,

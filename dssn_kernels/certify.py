@@ -105,6 +105,16 @@ def certificate_from_counts(counts, q, *, ambiguous=None):
     return prediction, steps.double() / q
 
 
+def prepare_images(x, q: int, L: int, seed, backend: str):
+    """(levels [B, d] on x's device, the concrete backend, int32 split offsets [d] on that
+    device): the checked inputs every expansion of x's variants needs."""
+    levels = to_levels(x, q)
+    backend = resolve_backend(backend, levels.device)
+    offsets = split_offsets(levels.shape[1], L, seed).to(device=levels.device,
+                                                          dtype=torch.int32)
+    return levels, backend, offsets
+
+
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
             backend="auto", num_classes=None, progress=False, dtype=torch.float32,
             channels_last=False, autocast=None, cudnn_benchmark=None,
@@ -133,11 +143,9 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     L = resolve_num_variants(sigma, lam, q, L)
     check_value_dtype(q, dtype)
     batch_size = check_batch_size(batch_size)
-    levels = to_levels(x, q)
-    backend = resolve_backend(backend, levels.device)
+    levels, backend, offsets = prepare_images(x, q, L, seed, backend)
     warn_if_training(model)
-    B, d = levels.shape
-    offsets = split_offsets(d, L, seed).to(device=levels.device, dtype=torch.int32)
+    B = levels.shape[0]
 
     def fill(out, b, t):
         expand_into(out, levels[b:b + out.shape[0]], offsets, L, q, t, backend)
@@ -168,10 +176,8 @@ def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=No
     start, stop = int(start), int(stop)
     if not 0 <= start <= stop <= L:
         raise ValueError(f"need 0 <= start <= stop <= L = {L}, got start={start}, stop={stop}")
-    levels = to_levels(x, q)
-    backend = resolve_backend(backend, levels.device)
+    levels, backend, offsets = prepare_images(x, q, L, seed, backend)
     B, d = levels.shape
-    offsets = split_offsets(d, L, seed).to(device=levels.device, dtype=torch.int32)
     out = torch.empty((B, stop - start, d), dtype=dtype, device=levels.device)
     expand_into(out, levels, offsets, L, q, start, backend)
     return out.view(B, stop - start, *x.shape[1:])

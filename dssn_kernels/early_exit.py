@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from . import decisions
-from .backends import resolve_backend
-from .inputs import to_levels
+from .certify import prepare_images
 from .ops import check_margin, expand_into, vote_into, vote_margin_into
 from .pipeline import ModelCall, check_batch_size, check_logits, warn_if_training
-from .spec import _check_q, check_value_dtype, resolve_num_variants, split_offsets
+from .spec import _check_q, check_value_dtype, resolve_num_variants
 
 __all__ = ["Decision", "Prediction", "certify_at", "predict", "variant_order", "ORDERS"]
 
@@ -175,12 +174,9 @@ class _Run:
             raise ValueError(f"num_classes must be None or an int >= 2, got {num_classes!r}")
         self.num_classes = num_classes
         self.perm = variant_order(order, L)
-        self.levels = to_levels(x, q)
+        self.levels, self.backend, self.offsets = prepare_images(x, q, L, seed, backend)
         self.shape = tuple(x.shape[1:])
         self.device = self.levels.device
-        self.backend = resolve_backend(backend, self.device)
-        self.offsets = split_offsets(self.levels.shape[1], L, seed).to(device=self.device,
-                                                                       dtype=torch.int32)
         self.model = model
 
     # subclasses: status(counts, amb, m) -> (done, certified, prediction_known) and

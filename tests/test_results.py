@@ -36,9 +36,10 @@ def test_row_roundtrip_is_exact():
     r = parse_row(line, "x")
     assert (r.idx, r.label, r.predict, r.correct, r.counts) == (7, 1, 1, 1, (5, 20, 2))
     assert r.radius == 7 / 16 and r.line() == line
-    # radius written as the shortest repr: reads back to the same float64 for q = 255 too
+    # the radius is written so that it reads back as the same float64, for q = 255 too
     for steps in range(0, 2000, 37):
-        assert float(repr(steps / 255)) == steps / 255
+        written = format_row(0, 0, 0, steps / 255, 0.0, [steps, 0])
+        assert parse_row(written, "x").radius == steps / 255, written
 
 
 def test_read_results_and_checks(tmp_path):

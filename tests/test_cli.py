@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from dssn_kernels import cli, workflow  # noqa: E402
+from dssn_kernels import analysis, cli, workflow  # noqa: E402
 from dssn_kernels.data import load_dataset, resize_center_crop  # noqa: E402
 from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
                                   expected_certificate, format_row, header_line, read_results)
@@ -267,7 +267,7 @@ def test_analyze_counts_a_negative_radius_at_no_radius(tmp_path, capsys):
                            ambiguous=amb)
     path = tmp_path / "m.tsv"
     path.write_text(text)
-    res = workflow_analysis().load_result(path)
+    res = analysis.load_result(path)
     assert list(res.radius) == [13 / 16, -1 / 16, 3 / 16, 6 / 16] and res.margin == 0.1
     assert res.clean_accuracy() == 0.75                  # image 1's prediction is correct
     assert res.certified_accuracy(0) == 0.5              # ... but not certified at radius 0
@@ -278,12 +278,6 @@ def test_analyze_counts_a_negative_radius_at_no_radius(tmp_path, capsys):
     assert code == 0, err
     assert "| m.tsv | 0.5 | 27 | 16 | 4 | 75.0% | 50.0% | 50.0% | 25.0% |" in out
     assert "1 of 4 predictions are not certified even at radius 0" in out
-
-
-def workflow_analysis():
-    from dssn_kernels import analysis
-
-    return analysis
 
 
 def test_cifar10_reader_and_training_on_a_fake_folder(tmp_path, capsys):

@@ -189,6 +189,11 @@ def _find_images(folder: Path):
     return classes, samples
 
 
+def _pil_levels(img) -> torch.Tensor:
+    """An RGB PIL image -> uint8 [3, H, W]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
 def resize_center_crop(img, resize: int = 256, crop: int = 224) -> torch.Tensor:
     """PIL image -> uint8 [3, crop, crop]: shorter side to ``resize`` (bilinear, as
     torchvision.transforms.Resize on PIL images), then the center ``crop`` (as CenterCrop)."""
@@ -206,9 +211,7 @@ def resize_center_crop(img, resize: int = 256, crop: int = 224) -> torch.Tensor:
     left = int(round((new_w - crop) / 2.0))
     if top < 0 or left < 0:
         raise DatasetError(f"cannot center-crop {crop}x{crop} from {new_w}x{new_h}")
-    img = img.crop((left, top, left + crop, top + crop))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return _pil_levels(img.crop((left, top, left + crop, top + crop)))
 
 
 def load_imagenet(root, split: str, resize: int = 256, crop: int = 224) -> LevelDataset:
@@ -235,8 +238,7 @@ def load_imagenet(root, split: str, resize: int = 256, crop: int = 224) -> Level
         tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop)])
 
         def loader(i):
-            img = tf(tv.loader(samples[i][0]).convert("RGB"))
-            return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+            return _pil_levels(tf(tv.loader(samples[i][0]).convert("RGB")))
     else:
         classes, samples = _find_images(folder)
 

@@ -81,12 +81,6 @@ class Context:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist

@@ -280,7 +280,6 @@ class ResultsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._f = open(self.path, "a", encoding="utf-8", newline="\n")
-        self.rows_written = 0
         if new:
             self._f.write(header_line(meta) + column_line(meta) + "\n")
             self._sync()
@@ -294,7 +293,6 @@ class ResultsWriter:
         if text:
             self._f.write(text)
             self._sync()
-            self.rows_written += len(lines)
 
     def close(self) -> None:
         if not self._f.closed:

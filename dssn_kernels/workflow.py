@@ -27,7 +27,7 @@ from .checkpoint import (CheckpointError, SmoothingSpec, default_model_kwargs, b
 from .data import INFO, DatasetError, cohen_indices, load_dataset
 from .distributed import Context
 from .results import (ResultsError, ResultsWriter, consolidate, format_row, merge_rows,
-                      part_path, read_for_resume, read_results, write_atomic)
+                      meta_margin, part_path, read_for_resume, read_results, write_atomic)
 from .training import training_noise
 
 # Training defaults per data set: the paper's (Table 2, from Yang et al.: SGD with
@@ -342,6 +342,6 @@ def summarize(out: Path, meta: dict, certified_here: int, seconds: float, ctx: C
         rf = read_results(out, expect_meta=meta)
         n = len(rf.rows)
         summary.update(rows=n, clean_accuracy=(sum(r.correct for r in rf.rows) / n) if n else float("nan"),
-                       margin=float(meta.get("margin", 0.0)),
+                       margin=meta_margin(meta),
                        not_certified=sum(1 for r in rf.rows if r.radius < 0))
     return summary

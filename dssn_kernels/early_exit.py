@@ -354,9 +354,12 @@ def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0,
                       cudnn_benchmark=cudnn_benchmark, steps=steps,
                       settle_prediction=settle_prediction)
     counts, ambiguous, evaluated = run.run()
-    c = counts.cpu() if counts.shape[1] else torch.zeros((counts.shape[0], 2), dtype=torch.int64)
-    a = torch.zeros_like(c) if ambiguous is not None and not ambiguous.shape[1] else \
-        ambiguous.cpu() if ambiguous is not None else None
+    if counts.shape[1]:
+        c = counts.cpu()
+        a = ambiguous.cpu() if ambiguous is not None else None
+    else:  # the model never ran and K is unknown: the rules only need K >= 2
+        c = torch.zeros((counts.shape[0], 2), dtype=torch.int64)
+        a = torch.zeros_like(c) if ambiguous is not None else None
     m = torch.from_numpy(run.L - evaluated)
     yes, no = run._yes_no(c, a, m)
     known = yes | decisions.prediction_settled(c, m)

@@ -5,6 +5,7 @@ of inputs per image; images share a forward batch when they have few inputs each
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -117,9 +118,7 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
     (ambiguous all zero when tau = 0, which runs the plain vote kernels).
     """
     call = call or ModelCall()
-    d = 1
-    for s in shape:
-        d *= s
+    d = math.prod(shape)
     total = num_images * per_image
     rows_max = min(batch_size, total)
     on_cpu = torch.device(device).type == "cpu"

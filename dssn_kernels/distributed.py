@@ -45,9 +45,10 @@ class Context:
 
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        on_gpu = torch.device(device).type == "cuda"
         if backend is None:
-            backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        if torch.device(device).type == "cuda":
+            backend = "nccl" if on_gpu else "gloo"
+        if on_gpu:
             torch.cuda.set_device(local_rank)
         if dist.is_initialized():
             return cls(rank, world, local_rank, dist.get_backend(), owns_group=False)

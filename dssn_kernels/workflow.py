@@ -283,7 +283,7 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
     model = model_from_checkpoint(ckpt, dev)
     L = spec.L
     bs = 256 if batch_size is None else batch_size
-    per_batch = images_per_batch or max(1, min(64, bs // L if bs >= L else 1))
+    per_batch = images_per_batch or max(1, min(64, bs // L))
     target = my_part if ctx.distributed else out
     kw = spec.certify_kwargs()
     seconds = 0.0

@@ -97,6 +97,13 @@ def best_rival(counts: torch.Tensor, ambiguous: torch.Tensor | None = None) -> t
     return torch.maximum(before, after)
 
 
+def _lead(counts: torch.Tensor, ambiguous: torch.Tensor | None = None):
+    """(A, N_A - best_rival[A]) per row: the leader and its lead over its best rival."""
+    A = leader(counts)
+    rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
+    return A, counts.gather(1, A[:, None])[:, 0] - rival
+
+
 def _remaining(remaining, counts) -> torch.Tensor:
     m = torch.as_tensor(remaining, dtype=torch.int64, device=counts.device)
     return m.expand(counts.shape[0]) if m.dim() == 0 else m
@@ -113,9 +120,7 @@ def prediction_settled(counts: torch.Tensor, remaining) -> torch.Tensor:
     """Bool [B]: no outcome of the ``remaining`` variants can change argmax(counts)."""
     counts = counts.long()
     m = _remaining(remaining, counts)
-    A = leader(counts)
-    rival = best_rival(counts).gather(1, A[:, None])[:, 0]
-    return counts.gather(1, A[:, None])[:, 0] - m >= rival
+    return _lead(counts)[1] - m >= 0
 
 
 def certified_settled(counts: torch.Tensor, remaining, steps,
@@ -125,9 +130,7 @@ def certified_settled(counts: torch.Tensor, remaining, steps,
     counts = counts.long()
     steps = _steps(steps)
     m = _remaining(remaining, counts)
-    A = leader(counts)
-    rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
-    return counts.gather(1, A[:, None])[:, 0] - m - rival >= 2 * steps
+    return _lead(counts, ambiguous)[1] - m >= 2 * steps
 
 
 def uncertifiable(counts: torch.Tensor, remaining, steps,
@@ -157,9 +160,8 @@ def full_decision(counts: torch.Tensor, steps, ambiguous: torch.Tensor | None = 
     Without ``ambiguous`` this is ``certified_steps(counts)[1] >= steps``."""
     counts = counts.long()
     steps = _steps(steps)
-    A = leader(counts)
-    rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
-    return A, counts.gather(1, A[:, None])[:, 0] - rival >= 2 * steps
+    A, lead = _lead(counts, ambiguous)
+    return A, lead >= 2 * steps
 
 
 def _halves(deficit: torch.Tensor) -> torch.Tensor:

@@ -130,19 +130,27 @@ def git_commit():
 
 def arg_parser(doc: str, quick_help: str, out_help: str | None = None):
     """The argument parser of a benchmark script: its description (the first paragraph
-    of doc), --quick and --out (default DEFAULT_OUT)."""
+    of doc), --quick, --out (default DEFAULT_OUT), --device and --threads; read it with
+    parse_args."""
     import argparse
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=out_help)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     return p
 
 
-def check_device(device: str) -> str:
-    device = str(device)
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv) for a parser of arg_parser: exits if --device is a CUDA
+    device this torch cannot see, and applies --threads."""
+    args = parser.parse_args(argv)
+    device = args.device = str(args.device)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
-    return device
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def environment(device, model_name, model, backends, **extra) -> dict:

@@ -449,7 +449,6 @@ def parse_args(argv=None):
                                "memory probe at sigma 0.25 and 3.5, first backend only",
                       out_help="output folder")
     p.add_argument("--stem", default="overhead", help="output file names <stem>.{json,md,png}")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--batch-size", type=int, default=256, help="forward batch size")
     p.add_argument("--images", type=int, default=None, help="images B (default 8; quick 2)")
     p.add_argument("--repeats", type=int, default=None,
@@ -462,7 +461,6 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=bc.MODELS, default="tiny",
                    help="tiny/small: TinyCNN; wide: TinyCNN with 4x the channels; smallcnn: "
                         "dssn_kernels.models.SmallCNN; wrn40-2: WideResNet-40-2")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
@@ -478,8 +476,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-target", choices=("certify", "forward"), default="certify",
                    help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.device = bc.check_device(args.device)
+    args = bc.parse_args(p, argv)
     if args.images is None:
         args.images = 2 if args.quick else 8
     if args.repeats is None:
@@ -504,8 +501,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
         result = memory_probe(args)
         print(json.dumps(result))

@@ -37,8 +37,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-
 import bench_common as bc  # noqa: E402
 
 STEPS = ("vs_monte_carlo", "overhead", "overhead_large", "micro_ops", "early_exit")
@@ -154,15 +152,12 @@ def step_early_exit(args) -> dict:
 
 def parse_args(argv=None):
     p = bc.arg_parser(__doc__, "everything small (CI smoke run)", out_help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--model", choices=("small", "wrn40-2"), default=None,
                    help="model of the Monte Carlo comparison (default: small on a CPU, "
                         "wrn40-2 on a GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--only", nargs="+", choices=STEPS, default=None, metavar="STEP",
                    help=f"run only these steps ({', '.join(STEPS)})")
-    args = p.parse_args(argv)
-    args.device = bc.check_device(args.device)
+    args = bc.parse_args(p, argv)
     if args.model is None:
         args.model = "wrn40-2" if "cuda" in args.device else "small"
     return args
@@ -190,8 +185,6 @@ def summary_markdown(summary: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {name: globals()[f"step_{name}"] for name in (args.only or STEPS)}

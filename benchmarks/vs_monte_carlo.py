@@ -149,7 +149,6 @@ def plot(result, path: Path) -> str:
 def parse_args(argv=None):
     p = bc.arg_parser(__doc__, "smoke run: 1 DSSN image, 1 repetition, MC timed with "
                                "n = 512 and extrapolated")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--model", choices=bc.MODELS, default="small")
     p.add_argument("--backend", default="auto", help="DSSN backend (default auto)")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(bc.FIGURE6_SIGMAS))
@@ -163,11 +162,9 @@ def parse_args(argv=None):
                    help="MC samples actually run (default: --mc-n, except wrn40-2 on CPU: "
                         "2048 and --quick: 512); the time is scaled to --mc-n")
     p.add_argument("--mc-images", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
-    args.device = bc.check_device(args.device)
+    args = bc.parse_args(p, argv)
     on_gpu = torch.device(args.device).type == "cuda"
     if args.batch_size is None:
         args.batch_size = 1024 if on_gpu else 256
@@ -189,8 +186,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = args.device
     model = bc.build_model(args.model, args.seed, device)
     backend = resolve_backend(args.backend, device)

@@ -1,10 +1,13 @@
 """Helpers shared by the test files: tiny deterministic base classifiers, a tiny
-checkpoint for the command-line tests, and bit views for exactness checks.
+checkpoint for the command-line tests, bit views for exactness checks and the literal
+vote loop the vote kernels are checked against.
 
 IntegerLinear reads each noised pixel back as its integer m = 4q * x~ (exact: x~ is the
 float32 nearest m/(4q)) and scores classes with integer weights in float64, so every
 logit is an exact integer: the argmax does not depend on batch size, chunking or BLAS.
 """
+import math
+
 import torch
 
 
@@ -41,6 +44,24 @@ class Constant(torch.nn.Module):
 def bits(t):
     """The int32 bit pattern of a float32 tensor, for bit-exact comparisons."""
     return t.contiguous().view(torch.int32)
+
+
+def literal_votes(counts, nan_rows, logits, row0, rows_per_image):
+    """What vote_ must add to (counts, nan_rows), by a literal loop: a row with a NaN is
+    counted apart and votes for nobody; otherwise the first index of the largest logit
+    wins (ties, -0.0 == +0.0, all -inf: the first) and row r votes for image
+    (row0 + r) // rows_per_image."""
+    counts, nan_rows = counts.clone(), nan_rows.clone()
+    for r, row in enumerate(logits.cpu().double().tolist()):    # exact for every dtype
+        if any(math.isnan(v) for v in row):
+            nan_rows += 1
+            continue
+        best = 0
+        for c in range(1, len(row)):
+            if row[c] > row[best]:
+                best = c
+        counts[(row0 + r) // rows_per_image, best] += 1
+    return counts, nan_rows
 
 
 def tiny_checkpoint(path, init_seed=0, sigma=0.5):

@@ -1,4 +1,4 @@
-"""The Triton vote kernel against a torch.argmax-based count.
+"""The Triton vote kernel against a literal vote loop (tests/models.py).
 
 Runs in Triton's interpreter on CPU tensors where there is no GPU (conftest sets
 TRITON_INTERPRET=1), on CUDA tensors with TRITON_INTERPRET=0 on an sm_80+ GPU.
@@ -6,6 +6,7 @@ TRITON_INTERPRET=1), on CUDA tensors with TRITON_INTERPRET=0 on an sm_80+ GPU.
 import pytest
 import torch
 
+from models import literal_votes
 from triton_ptx import ATOMICS, run_ptx_probe
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
@@ -16,21 +17,6 @@ from dssn_kernels.triton.vote import vote_settings, vote_triton  # noqa: E402
 OK, REASON = triton_available()
 DEVICE = "cpu" if interpreting() else "cuda"
 pytestmark = pytest.mark.skipif(not OK, reason=REASON)
-
-
-def expected_votes(counts, nan_rows, logits, row0, rows_per_image):
-    """What vote_ must add: torch.argmax (first index on ties) per NaN-free row."""
-    counts, nan_rows = counts.clone(), nan_rows.clone()
-    x = logits.cpu().double()                      # exact for every logits dtype
-    has_nan = torch.isnan(x).any(dim=1)
-    winner = x.argmax(dim=1)
-    image = (torch.arange(x.shape[0]) + row0) // rows_per_image
-    for r in range(x.shape[0]):
-        if has_nan[r]:
-            nan_rows += 1
-        else:
-            counts[image[r], winner[r]] += 1
-    return counts, nan_rows
 
 
 def run_vote(counts, nan_rows, logits, row0, rows_per_image):
@@ -68,7 +54,7 @@ def test_counts_match_torch_argmax(K, R, dtype):
     counts = torch.randint(0, 50, (B, K), dtype=torch.int64)   # votes accumulate
     nan_rows = torch.tensor([3], dtype=torch.int64)
     got = run_vote(counts, nan_rows, logits, row0, rpi)
-    want = expected_votes(counts, nan_rows, logits, row0, rpi)
+    want = literal_votes(counts, nan_rows, logits, row0, rpi)
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])
     assert int(got[1]) == 3 + 3                     # rows 5, 6 and R-1 hold a NaN
@@ -120,7 +106,7 @@ def test_noncontiguous_and_float64_logits():
     counts = torch.zeros(4, 10, dtype=torch.int64)
     nan_rows = torch.zeros(1, dtype=torch.int64)
     got = run_vote(counts, nan_rows, logits, 0, 50)
-    want = expected_votes(counts, nan_rows, logits, 0, 50)
+    want = literal_votes(counts, nan_rows, logits, 0, 50)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert int(got[0].sum()) == 200
 

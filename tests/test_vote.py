@@ -6,22 +6,9 @@ import torch
 
 import dssn_kernels as dk
 from dssn_kernels.ops import vote_into
+from models import literal_votes
 
 BACKENDS = dk.available_backends()
-
-
-def literal(counts, nan_rows, logits, row0, rows_per_image):
-    counts, nan_rows = counts.clone(), nan_rows.clone()
-    for r, row in enumerate(logits.double()):
-        if torch.isnan(row).any():
-            nan_rows += 1
-            continue
-        best = 0
-        for c in range(1, row.numel()):
-            if row[c] > row[best]:
-                best = c
-        counts[(row0 + r) // rows_per_image, best] += 1
-    return counts, nan_rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -39,7 +26,7 @@ def test_vote_matches_literal_loop(backend, dtype, K, row0, rows_per_image):
     B = (row0 + R - 1) // rows_per_image + 1
     counts = torch.randint(0, 5, (B, K), generator=g)               # accumulates onto these
     nan_rows = torch.tensor([2])
-    want_counts, want_nan = literal(counts, nan_rows, logits, row0, rows_per_image)
+    want_counts, want_nan = literal_votes(counts, nan_rows, logits, row0, rows_per_image)
     vote_into(counts, nan_rows, logits, row0, rows_per_image, backend)
     assert torch.equal(counts, want_counts)
     assert torch.equal(nan_rows, want_nan) and int(nan_rows) == 2 + 2

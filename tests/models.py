@@ -1,13 +1,16 @@
 """Helpers shared by the test files: tiny deterministic base classifiers, a tiny
-checkpoint for the command-line tests, bit views for exactness checks and the literal
-vote loop the vote kernels are checked against.
+checkpoint for the command-line tests, bit views for exactness checks, the literal
+vote loop the vote kernels are checked against, and a build-and-run of C++ harnesses.
 
 IntegerLinear reads each noised pixel back as its integer m = 4q * x~ (exact: x~ is the
 float32 nearest m/(4q)) and scores classes with integer weights in float64, so every
 logit is an exact integer: the argmax does not depend on batch size, chunking or BLAS.
 """
 import math
+import shutil
+import subprocess
 
+import pytest
 import torch
 
 
@@ -80,3 +83,21 @@ def rows_without_time(path):
     """The lines of a results TSV with the time column (the 6th) dropped from each row."""
     lines = path.read_text().splitlines()
     return lines[:2] + ["\t".join(c[:5] + c[6:]) for c in (ln.split("\t") for ln in lines[2:])]
+
+
+def build_and_run(tmp_path, source, flags, timeout):
+    """Compiles the C++ program ``source`` with the host compiler (g++, c++ or clang++;
+    the test is skipped without one) and ``flags``, runs it; asserts that both succeed
+    and returns what it printed."""
+    cxx = next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
+    src, exe = tmp_path / "harness.cpp", tmp_path / "harness"
+    src.write_text(source)
+    cmd = [cxx, *flags, "-o", str(exe), str(src)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, f"{' '.join(cmd)}\n{build.stdout}\n{build.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=timeout)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout

@@ -6,10 +6,10 @@ their resolver) and every output bit is checked against the integer formula of
 DESIGN.md, written independently below, with the value m/(4q) rounded once to float32."""
 import os
 import platform
-import shutil
-import subprocess
 
 import pytest
+
+from models import build_and_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_DIR = os.path.join(ROOT, "csrc", "cpu")
@@ -101,22 +101,13 @@ ISAS = {  # name: (compiler flags, cpu flag needed)
 
 @pytest.mark.parametrize("isa", list(ISAS))
 def test_expand_rows_bits_for_every_instruction_set(tmp_path, isa):
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++ or clang++) on PATH")
     if platform.machine() not in ("x86_64", "AMD64") and isa in ("avx512f", "avx2", "clones"):
         pytest.skip(f"{isa}: x86-64 only (this machine is {platform.machine()})")
     flags, needs = ISAS[isa]
     if needs is not None and needs not in cpu_flags():
         pytest.skip(f"this CPU cannot run {isa} code (no '{needs}' in /proc/cpuinfo)")
-    src, exe = tmp_path / "harness.cpp", tmp_path / "harness"
-    src.write_text(HARNESS)
     # the extension's flags (setup.py): -O3 -fopenmp, no contraction, no fast math
-    cmd = [cxx, "-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off", "-fno-fast-math",
-           "-Wall", "-Wextra", "-Werror", *flags, "-I", CPU_DIR, "-o", str(exe), str(src)]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    assert build.returncode == 0, f"{' '.join(cmd)}\n{build.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    print(run.stdout)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "0 mismatches" in run.stdout
+    out = build_and_run(tmp_path, HARNESS, ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off",
+                                            "-fno-fast-math", "-Wall", "-Wextra", "-Werror",
+                                            *flags, "-I", CPU_DIR], timeout=300)
+    assert "0 mismatches" in out

@@ -18,12 +18,12 @@ A last test backs the binding's fp16/bf16 limits: for q < 1024 (fp16) and q < 81
 half of m / (4q) (no double rounding).
 """
 import os
-import shutil
-import subprocess
 import time
 
 import numpy as np
 import pytest
+
+from models import build_and_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -180,30 +180,13 @@ int main() {
 """
 
 
-def _cxx():
-    for name in ("g++", "c++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_noise_numerator_matches_floor_formula(tmp_path):
-    cxx = _cxx()
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
-    src = tmp_path / "check_noise_header.cpp"
-    exe = tmp_path / "check_noise_header"
-    src.write_text(CHECK_CPP)
     # the CPU extension's floating-point flags (setup.py)
-    cmd = [cxx, "-O2", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-fast-math",
-           "-Wall", "-Wextra", "-Werror", "-I", CSRC, "-o", str(exe), str(src)]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    assert build.returncode == 0, f"{' '.join(cmd)}\n{build.stdout}\n{build.stderr}"
     t0 = time.perf_counter()
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    print(run.stdout, f"({time.perf_counter() - t0:.1f} s)")
-    assert run.returncode == 0, run.stdout + run.stderr
+    build_and_run(tmp_path, CHECK_CPP, ["-O2", "-std=c++17", "-pthread", "-ffp-contract=off",
+                                        "-fno-fast-math", "-Wall", "-Wextra", "-Werror",
+                                        "-I", CSRC], timeout=600)
+    print(f"({time.perf_counter() - t0:.1f} s)")
 
 
 def _rne_drop(bits, drop):

@@ -5,13 +5,8 @@ sets TRITON_INTERPRET=1); with TRITON_INTERPRET=0 on an sm_80+ GPU the same test
 CUDA tensors. Grids are kept small: the interpreter costs milliseconds per program.
 """
 import inspect
-import json
-import os
 import re
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +20,7 @@ from dssn_kernels.spec import MAX_Q_FOR_DTYPE, split_offsets, value_table  # noq
 from dssn_kernels.triton import interpreting, triton_available  # noqa: E402
 from dssn_kernels.triton import expand as triton_expand  # noqa: E402
 from dssn_kernels.triton.expand import expand_triton  # noqa: E402
+from triton_ptx import run_compile_process  # noqa: E402
 
 OK, REASON = triton_available()
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -269,25 +265,11 @@ print(json.dumps(report))
 """
 
 
-def compile_probe(script):
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"this triton cannot compile ahead of time here ({exc})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")    # the current default, explicitly
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_sm80_ptx_uses_ieee_division_and_no_float_fma():
     """What the interpreter cannot show: the GPU code divides with div.rn.f32 (not
     div.full/approx or a reciprocal), has no float fma/mad, and converts to float16 with
     cvt.rn; and the kernel compiles when Triton specializes int arguments equal to 1."""
-    report = compile_probe(_PTX_PROBE)
+    report = run_compile_process(_PTX_PROBE)
     assert len(report) == 6
     for key, ops in report.items():
         assert "div.rn.f32" in ops, (key, ops)

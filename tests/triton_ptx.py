@@ -1,5 +1,6 @@
 """Shared plumbing of the sm_80 PTX-compile tests (tests/test_triton_vote.py,
-tests/test_vote_margin.py): compiles a Triton kernel of dssn_kernels.triton ahead of time
+tests/test_vote_margin.py; tests/test_triton_expand.py runs its own probe script through
+run_compile_process): compiles a Triton kernel of dssn_kernels.triton ahead of time
 for sm_80 (no GPU needed: triton ships ptxas), for every logits dtype, in a fresh process
 without TRITON_INTERPRET, and reports which PTX instructions of given kinds it holds.
 The calling test is skipped where this triton cannot compile ahead of time.
@@ -58,10 +59,12 @@ def ptx_report(module, kernel, pointers, patterns, ones_too=False):
     return report
 
 
-def run_ptx_probe(module, kernel, pointers, patterns, *, ones_too=False,
-                  force_fp_fusion=False):
-    """ptx_report(...) run in a process without TRITON_INTERPRET, from the repository root,
-    with TRITON_DEFAULT_FP_FUSION=1 (only where unset, unless ``force_fp_fusion``)."""
+def run_compile_process(code, *argv, force_fp_fusion=False):
+    """Runs the Python ``code`` (sys.argv[1:] = argv, this folder on sys.path) in a process
+    without TRITON_INTERPRET, from the repository root, with TRITON_DEFAULT_FP_FUSION=1
+    (only where unset, unless ``force_fp_fusion``); returns the JSON its last line of
+    output holds. The calling test is skipped where this triton cannot compile ahead of
+    time."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -72,10 +75,17 @@ def run_ptx_probe(module, kernel, pointers, patterns, *, ones_too=False,
         env["TRITON_DEFAULT_FP_FUSION"] = "1"
     else:
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    code = (f"import json, sys; sys.path.append({str(HERE)!r}); import triton_ptx; "
-            "print(json.dumps(triton_ptx.ptx_report(*json.loads(sys.argv[1]))))")
-    spec = json.dumps([module, kernel, pointers, patterns, ones_too])
-    proc = subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True,
+    code = f"import sys; sys.path.append({str(HERE)!r})\n" + code
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
                           text=True, timeout=300, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_ptx_probe(module, kernel, pointers, patterns, *, ones_too=False,
+                  force_fp_fusion=False):
+    """ptx_report(...) run in a compile process (run_compile_process)."""
+    code = ("import json, sys; import triton_ptx; "
+            "print(json.dumps(triton_ptx.ptx_report(*json.loads(sys.argv[1]))))")
+    spec = json.dumps([module, kernel, pointers, patterns, ones_too])
+    return run_compile_process(code, spec, force_fp_fusion=force_fp_fusion)

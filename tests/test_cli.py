@@ -18,10 +18,7 @@ from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
 from models import rows_without_time, tiny_checkpoint  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def run(argv, capsys):

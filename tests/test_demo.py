@@ -20,9 +20,7 @@ def test_small_cnn_output_shapes():
         assert torch.allclose(model(x[:1]), out[:1], atol=1e-5)
 
 
-def test_demo_quick_results(tmp_path, monkeypatch):
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
+def test_demo_quick_results(tmp_path, single_process):
     results = main(["--quick", "--no-progress", "--out", str(tmp_path)])
     assert isinstance(results, list) and len(results) >= 2
     # the workflow's files: checkpoints, result TSVs, the markdown table, the plots

@@ -15,6 +15,8 @@ from dssn_kernels import cli  # noqa: E402
 from dssn_kernels.results import part_path, read_results  # noqa: E402
 from models import rows_without_time, tiny_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_process")
+
 
 def torchrun(args, nproc=2):
     env = {k: v for k, v in os.environ.items()
@@ -25,9 +27,7 @@ def torchrun(args, nproc=2):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_two_processes_write_what_one_process_writes(tmp_path, monkeypatch):
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
+def test_two_processes_write_what_one_process_writes(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "m.pt")
     single, dist = tmp_path / "single.tsv", tmp_path / "dist.tsv"
     opts = ["--images-per-batch", "3", "--no-progress", "--device", "cpu"]
@@ -61,11 +61,9 @@ def test_two_processes_write_what_one_process_writes(tmp_path, monkeypatch):
     assert dist.read_bytes() == before and not part_path(dist, 1).exists()
 
 
-def test_two_processes_with_a_margin(tmp_path, monkeypatch):
+def test_two_processes_with_a_margin(tmp_path):
     # every rank certifies its shard with the margin: the merged file is the one a single
     # process writes, margin header and ambiguous columns included
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     ckpt = tiny_checkpoint(tmp_path / "m.pt")
     single, dist = tmp_path / "single.tsv", tmp_path / "dist.tsv"
     opts = ["--images-per-batch", "3", "--no-progress", "--device", "cpu", "--margin", "0.13"]

@@ -235,13 +235,13 @@ def draw_radius(data, q, L):
     s = data.draw(st.integers(0, L // 2 + 2), label="steps")
     form = data.draw(st.sampled_from(["int_or_fraction", "float", "float_up", "float_down"]))
     if form == "int_or_fraction":
-        return Fraction(s, q), s
+        return Fraction(s, q)
     r = s / q
     if form == "float_up":
         r = float(np.nextafter(r, 1))
     elif form == "float_down" and s > 0:
         r = float(np.nextafter(r, 0))
-    return r, None
+    return r
 
 
 def check_decision(dec, cert, radius, L, settle_prediction=True):
@@ -260,7 +260,7 @@ def check_decision(dec, cert, radius, L, settle_prediction=True):
 @given(st.data())
 def test_certify_at_equals_full_certificate(data):
     q, L, x, model = random_case(data)
-    radius, _ = draw_radius(data, q, L)
+    radius = draw_radius(data, q, L)
     opts = draw_run_options(data, L)
     settle = data.draw(st.booleans(), label="settle_prediction")
     backend = data.draw(st.sampled_from(["torch", "cpp"]), label="backend")
@@ -286,7 +286,7 @@ def test_certify_at_equals_full_certificate(data):
 def test_certify_at_with_margin_equals_full_certificate(data):
     q, L, x, model = random_case(data, max_L=30)
     margin = data.draw(st.sampled_from([0.5, 1.0, 2.5, 7.0]), label="margin")
-    radius, _ = draw_radius(data, q, L)
+    radius = draw_radius(data, q, L)
     opts = draw_run_options(data, L)
     settle = data.draw(st.booleans(), label="settle_prediction")
     cert = full_certificate(model, x, L, q, margin)
@@ -329,7 +329,7 @@ def test_chunk_one_stops_at_the_first_settled_prefix(data):
     q, L, x, model = random_case(data, max_L=30)
     margin = data.draw(st.sampled_from([0.0, 0.0, 1.5]), label="margin")
     order = draw_order(data, L)
-    radius, _ = draw_radius(data, q, L)
+    radius = draw_radius(data, q, L)
     settle = data.draw(st.booleans(), label="settle_prediction")
     steps = decisions.required_steps(radius, q)
     votes, amb = per_variant(model, x, L, q, margin, order)

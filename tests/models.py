@@ -1,6 +1,7 @@
 """Helpers shared by the test files: tiny deterministic base classifiers, a tiny
-checkpoint for the command-line tests, bit views for exactness checks, the literal
-vote loop the vote kernels are checked against, and a build-and-run of C++ harnesses.
+checkpoint for the command-line tests, random images, bit views for exactness checks,
+the literal vote loop the vote kernels are checked against, and a build-and-run of C++
+harnesses.
 
 IntegerLinear reads each noised pixel back as its integer m = 4q * x~ (exact: x~ is the
 float32 nearest m/(4q)) and scores classes with integer weights in float64, so every
@@ -42,6 +43,15 @@ class Constant(torch.nn.Module):
         out = torch.zeros(x.shape[0], self.K)
         out[:, self.c] = 1.0
         return out
+
+
+def images(B, shape=(3, 4, 4), q=255, seed=0):
+    """B random images of levels 0..q (uint8, int32 for q > 255); shape: an int d or a
+    tuple."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, q + 1, (B, *shape), generator=g,
+                         dtype=torch.uint8 if q <= 255 else torch.int32)
 
 
 def bits(t):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import dssn_kernels as dk
 import dssn_reference as ref
-from models import bits
+from models import bits, images
 
 # L = int(2 * (sigma / 3**-0.5) * 255): the sigmas of the paper's tables.
 PAPER_L = {0.15: 132, 0.25: 220, 0.5: 441, 1.0: 883, 1.75: 1545, 3.5: 3091}
@@ -94,11 +94,6 @@ def matching_variants(sample_bits, all_variant_bits):
     """Indices t with variant t bitwise equal to the sample ([d] vs [L, d])."""
     eq = (all_variant_bits == sample_bits[None]).all(dim=1)
     return eq.nonzero().flatten().tolist()
-
-
-def images(B, d, q, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, q + 1, (B, d), generator=g, dtype=torch.uint8 if q <= 255 else torch.int32)
 
 
 @pytest.mark.parametrize("spec", [dict(L=5), dict(L=1), dict(sigma=0.25), dict(lam=0.1, q=16),

@@ -5,14 +5,9 @@ import torch
 
 import dssn_kernels as dk
 import dssn_reference as ref
-from models import IntegerLinear
+from models import IntegerLinear, images
 
 BACKENDS = dk.available_backends()
-
-
-def images(B, shape=(3, 4, 4), q=255, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, q + 1, (B, *shape), generator=g, dtype=torch.uint8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

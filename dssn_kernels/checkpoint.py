@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .models import SmallCNN, normalized, resnet50, wrn40_2
-from .spec import num_variants, split_offsets
+from .spec import check_seed, num_variants
 
 FORMAT = "dssn-checkpoint/1"
 
@@ -58,7 +58,7 @@ class SmoothingSpec:
     def create(cls, *, sigma=None, lam=None, q: int, seed: int = 0, input_shape,
                num_classes: int) -> "SmoothingSpec":
         L = num_variants(sigma, lam=lam, q=q)
-        split_offsets(1, 1, seed)  # validates the seed
+        check_seed(seed)
         return cls(q=int(q), seed=int(seed), L=L, input_shape=tuple(int(s) for s in input_shape),
                    num_classes=int(num_classes),
                    sigma=None if sigma is None else float(sigma),

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .tiles import tile_settings
 from ..spec import MAX_LEVELS_PLUS_VARIANTS, check_value_dtype
 
 # Whether the kernel below was defined for Triton's interpreter (see triton_available).
@@ -36,9 +37,6 @@ KERNEL_INTERPRETED = interpreting()
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LEVEL_DTYPES = (torch.uint8, torch.int32)
 
-# Elements per program tile, and the widest pixel block.
-_TILE = 4096
-_MAX_BLOCK_D = 1024
 _MAX_GRID_Y = 65535
 
 
@@ -86,12 +84,8 @@ def _expand_kernel(out_ptr, levels_ptr, offsets_ptr, count, d, L, q, start, four
 
 def expand_settings(count: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) for a window of ``count`` variants of ``d`` pixels:
-    a tile of about _TILE elements, pixels first (contiguous stores)."""
-    block_d = min(triton.next_power_of_2(d), _MAX_BLOCK_D)
-    block_t = min(triton.next_power_of_2(count), max(1, _TILE // block_d))
-    tile = block_t * block_d
-    num_warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
-    return block_t, block_d, num_warps
+    pixels first (contiguous stores)."""
+    return tile_settings(count, d)
 
 
 def _check(out, levels, offsets, L, q, start):

@@ -16,14 +16,12 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .tiles import tile_settings
+
 # Whether the kernel below was defined for Triton's interpreter (see triton_available).
 KERNEL_INTERPRETED = interpreting()
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-# Elements per program tile, and the widest column block.
-_TILE = 4096
-_MAX_BLOCK_K = 1024
 
 
 @triton.jit
@@ -79,13 +77,9 @@ def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0
 
 
 def vote_settings(R: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_K, num_warps) for R rows of K logits: a tile of about _TILE
-    elements, the whole row in one block when K <= _MAX_BLOCK_K."""
-    block_k = min(triton.next_power_of_2(K), _MAX_BLOCK_K)
-    block_r = min(triton.next_power_of_2(R), max(1, _TILE // block_k))
-    tile = block_r * block_k
-    num_warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
-    return block_r, block_k, num_warps
+    """(BLOCK_R, BLOCK_K, num_warps) for R rows of K logits: the whole row in one block
+    when K <= MAX_BLOCK."""
+    return tile_settings(R, K)
 
 
 def check_vote_args(op: str, counts: torch.Tensor, nan_rows: torch.Tensor,

@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements-dev.txt $(NATIVE)
 	touch $@
 
 demo: setup
-	$(PY) -m dssn_kernels.demo
+	$(PY) -m dssn_kernels.workflow.demo
 
 test: setup
 	$(PY) -m pytest -q -rs

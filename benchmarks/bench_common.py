@@ -50,7 +50,7 @@ class TinyCNN(nn.Module):
 def build_model(name: str, seed: int = 0, device="cpu") -> nn.Module:
     """The benchmark models (random weights, eval mode; timing does not need training):
     ``small``/``tiny`` TinyCNN (w = 16), ``wide`` TinyCNN (w = 64), ``smallcnn``
-    dssn_kernels.models.SmallCNN, ``wrn40-2`` WideResNet-40-2 behind CIFAR-10
+    dssn_kernels.workflow.models.SmallCNN, ``wrn40-2`` WideResNet-40-2 behind CIFAR-10
     normalization (the paper's CIFAR-10 base classifier)."""
     torch.manual_seed(seed)
     if name in ("small", "tiny"):
@@ -58,10 +58,10 @@ def build_model(name: str, seed: int = 0, device="cpu") -> nn.Module:
     elif name == "wide":
         model = TinyCNN(SHAPE[0], NUM_CLASSES, SHAPE[1], width=64)
     elif name == "smallcnn":
-        from dssn_kernels.models import SmallCNN
+        from dssn_kernels.workflow.models import SmallCNN
         model = SmallCNN(SHAPE[0], NUM_CLASSES, SHAPE[1])
     elif name == "wrn40-2":
-        from dssn_kernels.models import CIFAR10_MEAN, CIFAR10_STD, normalized, wrn40_2
+        from dssn_kernels.workflow.models import CIFAR10_MEAN, CIFAR10_STD, normalized, wrn40_2
         model = normalized(wrn40_2(NUM_CLASSES, SHAPE[0]), CIFAR10_MEAN, CIFAR10_STD)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

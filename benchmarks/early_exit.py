@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,8 +44,8 @@ from torch import nn
 import dssn_kernels as dk
 from dssn_kernels import workflow
 from dssn_kernels.backends import resolve_backend
-from dssn_kernels.data import digits_levels
-from dssn_kernels.models import SmallCNN
+from dssn_kernels.workflow.data import digits_levels
+from dssn_kernels.workflow.models import SmallCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
@@ -95,7 +94,7 @@ def digits_setup(quick: bool, device: str):
     _, _, xte, yte = digits_levels()
     n = 120 if quick else len(xte)
     info = {"dataset": "sklearn digits (held-out split)", "shape": [1, 8, 8], "q": 16,
-            "sigma": sigma, "arch": "SmallCNN (dssn_kernels.models)",
+            "sigma": sigma, "arch": "SmallCNN (dssn_kernels.workflow.models)",
             "training": f"workflow.train, {epochs} epochs, train_seed 0, {train_s:.1f}s",
             "images": n}
     return model, xte[:n].to(device), yte[:n].to(device), dict(sigma=sigma, q=16), info

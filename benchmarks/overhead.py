@@ -460,7 +460,7 @@ def parse_args(argv=None):
                         "interpreted triton)")
     p.add_argument("--model", choices=bc.MODELS, default="tiny",
                    help="tiny/small: TinyCNN; wide: TinyCNN with 4x the channels; smallcnn: "
-                        "dssn_kernels.models.SmallCNN; wrn40-2: WideResNet-40-2")
+                        "dssn_kernels.workflow.models.SmallCNN; wrn40-2: WideResNet-40-2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")

@@ -11,7 +11,7 @@ sigma = 0.25, 0.5, 1, 2, 3.5):
 
 * DSSN: ``dk.certify(model, x, sigma=...)`` of B images, median over repetitions (half
   before, half after the Monte Carlo run), divided by B;
-* Monte Carlo: ``dssn_kernels.baselines.certify_uniform(model, x, sigma=..., n0=64,
+* Monte Carlo: ``dssn_kernels.workflow.baselines.certify_uniform(model, x, sigma=..., n0=64,
   n=n_timed)`` of one image (B_mc images, divided by B_mc), one timed run after a warm-up.
   When ``n_timed`` < ``n_reported`` (= 100,000) the reported time is the timed one scaled
   linearly in the number of forwards, (n0 + n_reported) / (n0 + n_timed); the JSON and
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import dssn_kernels as dk  # noqa: E402
 from dssn_kernels.backends import resolve_backend  # noqa: E402
-from dssn_kernels.baselines import certify_uniform  # noqa: E402
+from dssn_kernels.workflow.baselines import certify_uniform  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 

@@ -1,7 +1,7 @@
 """``python -m dssn_kernels`` (and ``torchrun -m dssn_kernels``): the ``dssn`` command."""
 import sys
 
-from .cli import main
+from .workflow.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy.stats import beta
 
-from dssn_kernels.baselines import certify_ssn, certify_uniform, clopper_pearson_lower
-from models import Constant
+from dssn_kernels.workflow.baselines import certify_ssn, certify_uniform, clopper_pearson_lower
+from testkit import Constant
 
 BASELINES = [certify_uniform, certify_ssn]
 

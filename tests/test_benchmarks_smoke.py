@@ -167,7 +167,7 @@ def test_micro_ops(suite):
 
 def test_cli_bench_runs_the_suite(tmp_path):
     """`dssn bench` runs benchmarks/run_all.py with the given options."""
-    from dssn_kernels.cli import main
+    from dssn_kernels.workflow.cli import main
     assert main(["bench", "--quick", "--only", "micro_ops", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["steps"]) == ["micro_ops"] and summary["steps"]["micro_ops"]["ok"]

@@ -11,11 +11,12 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from dssn_kernels import analysis, cli, workflow  # noqa: E402
-from dssn_kernels.data import load_dataset, resize_center_crop  # noqa: E402
-from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
+from dssn_kernels.workflow import certify_data  # noqa: E402
+from dssn_kernels.workflow import analysis, cli  # noqa: E402
+from dssn_kernels.workflow.data import load_dataset, resize_center_crop  # noqa: E402
+from dssn_kernels.workflow.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
                                   expected_certificate, format_row, header_line, read_results)
-from models import rows_without_time, tiny_checkpoint  # noqa: E402
+from testkit import rows_without_time, tiny_checkpoint  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -29,7 +30,7 @@ def run(argv, capsys):
 
 def test_entry_points():
     eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "dssn"]
-    assert eps and eps[0].value == "dssn_kernels.cli:main"
+    assert eps and eps[0].value == "dssn_kernels.workflow.cli:main"
     r = subprocess.run([sys.executable, "-m", "dssn_kernels", "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "certify" in r.stdout and "analyze" in r.stdout
@@ -79,7 +80,7 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path, capsys, monkeyp
     assert run(["certify", str(ckpt), "--out", str(full)] + common, capsys)[0] == 0
 
     calls = {"n": 0}
-    real = workflow.certify
+    real = certify_data.certify
 
     def crash_on_third_batch(*a, **kw):
         calls["n"] += 1
@@ -87,11 +88,11 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path, capsys, monkeyp
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(workflow, "certify", crash_on_third_batch)
+    monkeypatch.setattr(certify_data, "certify", crash_on_third_batch)
     code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
     assert code == 130 and "rerun the same command to resume" in err
     assert len(read_results(part).rows) == 8           # two whole batches were saved
-    monkeypatch.setattr(workflow, "certify", real)
+    monkeypatch.setattr(certify_data, "certify", real)
     # a crash in the middle of a write leaves a torn last line: dropped on resume
     with open(part, "a") as f:
         f.write("8\t3\t3\t0.1")

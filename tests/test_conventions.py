@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import dssn_kernels as dk
 import dssn_reference as ref
-from models import bits, images
+from testkit import bits, images
 
 # L = int(2 * (sigma / 3**-0.5) * 255): the sigmas of the paper's tables.
 PAPER_L = {0.15: 132, 0.25: 220, 0.5: 441, 1.0: 883, 1.75: 1545, 3.5: 3091}

@@ -1,11 +1,11 @@
-"""Smoke test of the digits demo (python -m dssn_kernels.demo) and of SmallCNN."""
+"""Smoke test of the digits demo (python -m dssn_kernels.workflow.demo) and of SmallCNN."""
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
 
-from dssn_kernels.demo import DEFAULT_RADII, main  # noqa: E402
-from dssn_kernels.models import SmallCNN  # noqa: E402
+from dssn_kernels.workflow.demo import DEFAULT_RADII, main  # noqa: E402
+from dssn_kernels.workflow.models import SmallCNN  # noqa: E402
 import dssn_kernels as dk  # noqa: E402
 
 

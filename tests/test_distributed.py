@@ -11,9 +11,9 @@ pytest.importorskip("sklearn")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from dssn_kernels import cli  # noqa: E402
-from dssn_kernels.results import part_path, read_results  # noqa: E402
-from models import rows_without_time, tiny_checkpoint  # noqa: E402
+from dssn_kernels.workflow import cli  # noqa: E402
+from dssn_kernels.workflow.results import part_path, read_results  # noqa: E402
+from testkit import rows_without_time, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
 

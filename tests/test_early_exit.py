@@ -17,7 +17,7 @@ from dssn_kernels import decisions, early_exit
 from dssn_kernels.certify import certified_steps
 from dssn_kernels.early_exit import variant_order
 from dssn_kernels.ops import vote_margin_into
-from models import Constant, IntegerLinear
+from testkit import Constant, IntegerLinear
 
 
 # --- brute force over completions ---------------------------------------------------------

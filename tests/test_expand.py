@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import dssn_kernels as dk
 import dssn_reference as ref
-from models import bits
+from testkit import bits
 
 BACKENDS = dk.available_backends()  # torch, cpp, and triton through the interpreter
 

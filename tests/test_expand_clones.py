@@ -9,7 +9,7 @@ import platform
 
 import pytest
 
-from models import build_and_run
+from testkit import build_and_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_DIR = os.path.join(ROOT, "csrc", "cpu")

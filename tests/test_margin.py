@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import dssn_kernels as dk
 import dssn_reference as ref
 from dssn_kernels import decisions
-from models import IntegerLinear
+from testkit import IntegerLinear
 
 BACKENDS = dk.available_backends()      # torch, cpp, triton (interpreter) here
 

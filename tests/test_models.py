@@ -1,12 +1,12 @@
-"""Base models (WRN-40-2, ResNet-50, Normalize) and checkpoints (dssn_kernels.checkpoint)."""
+"""Base models (WRN-40-2, ResNet-50, Normalize) and checkpoints (dssn_kernels.workflow.checkpoint)."""
 import pytest
 import torch
 
 import dssn_kernels as dk
-from dssn_kernels.checkpoint import (CheckpointError, SmoothingSpec, SpecMismatchError,
+from dssn_kernels.workflow.checkpoint import (CheckpointError, SmoothingSpec, SpecMismatchError,
                                      build_model, load_checkpoint, read_checkpoint,
                                      save_checkpoint)
-from dssn_kernels.models import (Normalize, ResNet, SmallCNN, WideResNet,
+from dssn_kernels.workflow.models import (Normalize, ResNet, SmallCNN, WideResNet,
                                  convert_released_state_dict, normalized, resnet50, wrn40_2)
 
 

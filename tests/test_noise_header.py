@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from models import build_and_run
+from testkit import build_and_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")

@@ -5,7 +5,7 @@ import torch
 
 import dssn_kernels as dk
 import dssn_reference as ref
-from models import IntegerLinear, images
+from testkit import IntegerLinear, images
 
 BACKENDS = dk.available_backends()
 

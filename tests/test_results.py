@@ -1,8 +1,8 @@
-"""Result files (dssn_kernels.results): row format, checks, torn lines, merging."""
+"""Result files (dssn_kernels.workflow.results): row format, checks, torn lines, merging."""
 import pytest
 
-from dssn_kernels.data import cohen_indices
-from dssn_kernels.results import (COLUMN_LINE, MARGIN_COLUMN_LINE, MARGIN_COLUMNS, ResultsError,
+from dssn_kernels.workflow.data import cohen_indices
+from dssn_kernels.workflow.results import (COLUMN_LINE, MARGIN_COLUMN_LINE, MARGIN_COLUMNS, ResultsError,
                                   ResultsWriter, consolidate, expected_certificate, format_row,
                                   header_line, merge_rows, parse_row, part_path, read_for_resume,
                                   read_results)

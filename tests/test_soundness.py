@@ -7,7 +7,7 @@ import torch
 
 import dssn_kernels as dk
 import dssn_reference as ref
-from models import IntegerLinear
+from testkit import IntegerLinear
 
 CASES = [  # (q, d, Ls) in both regimes: L < q (lambda < 0.5) and L >= q
     (2, 4, [1, 2, 3, 5]),

@@ -1,4 +1,4 @@
-"""The Triton vote kernel against a literal vote loop (tests/models.py).
+"""The Triton vote kernel against a literal vote loop (tests/testkit.py).
 
 Runs in Triton's interpreter on CPU tensors where there is no GPU (conftest sets
 TRITON_INTERPRET=1), on CUDA tensors with TRITON_INTERPRET=0 on an sm_80+ GPU.
@@ -6,7 +6,7 @@ TRITON_INTERPRET=1), on CUDA tensors with TRITON_INTERPRET=0 on an sm_80+ GPU.
 import pytest
 import torch
 
-from models import literal_votes
+from testkit import literal_votes
 from triton_ptx import ATOMICS, run_ptx_probe
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")

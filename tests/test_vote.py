@@ -6,7 +6,7 @@ import torch
 
 import dssn_kernels as dk
 from dssn_kernels.ops import vote_into
-from models import literal_votes
+from testkit import literal_votes
 
 BACKENDS = dk.available_backends()
 

@@ -289,8 +289,8 @@ def noise_examples(levels: torch.Tensor, q: int, sigma: float, seed: int = 0,
     [n, C, H, W]: one split-noise variant (offsets of ``seed``, a random variant index per
     image) and x + U(-lambda, lambda), lambda = sigma*sqrt(3), rescaled by
     (v + lambda) / (1 + 2 lambda) into [0, 1] for display, as in the paper's Figure 3."""
-    from .certify import variants
-    from .spec import num_variants
+    from ..certify import variants
+    from ..spec import num_variants
 
     L = num_variants(sigma, q=q)
     g = torch.Generator().manual_seed(noise_seed)

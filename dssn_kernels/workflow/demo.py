@@ -4,8 +4,8 @@ a small CNN under DSSN training noise (``dssn train``), certify every held-out i
 exactly into a resumable result file (``dssn certify``), then tabulate certified
 accuracy (``dssn analyze``) and plot it (``dssn plot``).
 
-    python -m dssn_kernels.demo            # full run, well under a minute on 2 CPU cores
-    python -m dssn_kernels.demo --quick    # smoke test, a few seconds
+    python -m dssn_kernels.workflow.demo            # full run, well under a minute on 2 CPU cores
+    python -m dssn_kernels.workflow.demo --quick    # smoke test, a few seconds
 
 Digits pixels are integers 0..16, so q = 16 and L = int(2 * sigma * sqrt(3) * 16).
 Radii are L1 on the [0, 1] scale (= steps / q); an image counts as certified at radius
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import dssn_kernels as dk
-from dssn_kernels import analysis, workflow
 from dssn_kernels.backends import resolve_backend
-from dssn_kernels.data import digits_levels
+from dssn_kernels.workflow import analysis, certify_dataset, train
+from dssn_kernels.workflow.data import digits_levels
 
 Q = 16
 DEFAULT_SIGMAS = (0.25, 0.5, 1.0)
@@ -46,7 +46,7 @@ def format_table(results, radii) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dssn_kernels.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dssn_kernels.workflow.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sigmas", type=float, nargs="+", default=None,
                    help=f"noise levels to train and certify (default {' '.join(map(str, DEFAULT_SIGMAS))})")
@@ -104,11 +104,11 @@ def main(argv=None):
         L = dk.num_variants(sigma, q=Q)
         ckpt = out / f"digits-sigma{sigma:g}.pt"
         tsv = out / f"digits-sigma{sigma:g}.tsv"
-        trained = workflow.train(ckpt, dataset="digits", sigma=sigma, epochs=args.epochs,
-                                 train_seed=args.seed, device="cpu")
+        trained = train(ckpt, dataset="digits", sigma=sigma, epochs=args.epochs,
+                        train_seed=args.seed, device="cpu")
         t0 = time.perf_counter()
-        workflow.certify_dataset(ckpt, tsv, max_index=max_index, device="cpu", overwrite=True,
-                                 progress=not args.no_progress)
+        certify_dataset(ckpt, tsv, max_index=max_index, device="cpu", overwrite=True,
+                        progress=not args.no_progress)
         cert_s = time.perf_counter() - t0
         res_file = analysis.load_result(tsv)
         assert len(res_file) == num_test and res_file.L == L

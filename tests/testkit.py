@@ -79,7 +79,7 @@ def literal_votes(counts, nan_rows, logits, row0, rows_per_image):
 
 def tiny_checkpoint(path, init_seed=0, sigma=0.5):
     """A freshly initialised small CNN on digits (no training needed for format tests)."""
-    from dssn_kernels.checkpoint import SmoothingSpec, build_model, save_checkpoint
+    from dssn_kernels.workflow.checkpoint import SmoothingSpec, build_model, save_checkpoint
 
     torch.manual_seed(init_seed)
     kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 16}

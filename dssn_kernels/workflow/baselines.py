@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import binomtest
 
-from .backends import resolve_backend
-from .pipeline import check_batch_size, run_votes, warn_if_training
+from ..backends import resolve_backend
+from ..pipeline import check_batch_size, run_votes, warn_if_training
 
 ABSTAIN = -1
 

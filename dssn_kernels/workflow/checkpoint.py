@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .models import SmallCNN, normalized, resnet50, wrn40_2
-from .spec import check_seed, num_variants
+from ..spec import check_seed, num_variants
 
 FORMAT = "dssn-checkpoint/1"
 

@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
-    from . import workflow
+    from .trainer import train
 
-    res = workflow.train(args.out, dataset=args.dataset, arch=args.arch, sigma=args.sigma,
+    res = train(args.out, dataset=args.dataset, arch=args.arch, sigma=args.sigma,
                          lam=args.lam, q=args.q, seed=0 if args.seed is None else args.seed,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          optimizer=args.optimizer, augment=args.augment,
@@ -180,9 +180,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_certify(args) -> int:
-    from . import workflow
+    from .certify_data import certify_dataset
 
-    res = workflow.certify_dataset(
+    res = certify_dataset(
         args.checkpoint, args.out, dataset=args.dataset, split=args.split,
         data_root=args.data_root, skip=args.skip, max_index=args.max_index, sigma=args.sigma,
         lam=args.lam, q=args.q, seed=args.seed, batch_size=args.batch_size,
@@ -237,7 +237,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise UsageError(f"the benchmark suite is not here ({script} is missing): `dssn bench` "
                          "runs from a source checkout")
@@ -260,7 +260,7 @@ COMMANDS = {"train": cmd_train, "certify": cmd_certify, "analyze": cmd_analyze,
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .workflow import USER_ERRORS
+    from .options import USER_ERRORS
 
     def fail(msg: str, code: int = 2) -> int:
         rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0

@@ -1,0 +1,30 @@
+"""The research workflow around the certification core: the ``dssn`` command and its
+pieces. Everything here builds on the core (``dssn_kernels`` one level up), which never
+imports this package.
+
+    from dssn_kernels import workflow
+    workflow.train("model.pt", dataset="digits", sigma=0.5, epochs=60)
+    workflow.certify_dataset("model.pt", "results.tsv")           # resumable
+    from dssn_kernels.workflow import analysis
+    print(analysis.best_table([analysis.load_result("results.tsv")]))
+
+| module | what it holds |
+| --- | --- |
+| ``cli`` | the ``dssn`` command (``python -m dssn_kernels``) |
+| ``trainer`` | ``train``: a base classifier under DSSN noise -> checkpoint |
+| ``certify_data`` | ``certify_dataset``: a data split -> resumable result TSV, sharded under torchrun |
+| ``checkpoint`` | checkpoints with their smoothing spec |
+| ``models`` | SmallCNN, WideResNet-40-2, ResNet-50 |
+| ``data`` | digits (bundled), CIFAR-10 and ImageNet from local folders |
+| ``results`` | the result TSV: format, checks, resume, merge |
+| ``analysis`` | certified-accuracy tables and plots |
+| ``distributed`` | torchrun ranks |
+| ``baselines`` | Monte Carlo certification (uniform noise, independent SSN) |
+| ``demo`` | the main job on digits |
+"""
+from .certify_data import certify_dataset, results_meta
+from .options import USER_ERRORS, WorkflowError, resolve_device
+from .trainer import TRAIN_DEFAULTS, train
+
+__all__ = ["TRAIN_DEFAULTS", "USER_ERRORS", "WorkflowError", "certify_dataset", "resolve_device",
+           "results_meta", "train"]

@@ -1,0 +1,182 @@
+"""``dssn certify``: certifies a data split with a checkpoint's smoothed classifier and
+writes a resumable result file; under torchrun the images are sharded over the ranks
+(distributed.py) and rank 0 writes the file one process would."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backends import resolve_backend
+from ..certify import certify
+from ..ops import check_margin
+from .checkpoint import SmoothingSpec, file_sha256, model_from_checkpoint, read_checkpoint
+from .data import DatasetError, cohen_indices, load_dataset
+from .distributed import Context
+from .options import USER_ERRORS, WorkflowError, resolve_device
+from .results import (ResultsWriter, consolidate, format_row, merge_rows, meta_margin, part_path,
+                      read_for_resume, read_results, write_atomic)
+
+
+def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: dict,
+                 margin: float = 0.0) -> dict:
+    """The header that ties a result file to its checkpoint, spec, data split and margin
+    (recorded only when > 0, so files without a margin keep their format)."""
+    meta = {"checkpoint_sha256": checkpoint_sha256, "spec": spec.to_dict(),
+            "dataset": dict(dataset_identity)}
+    if margin > 0:
+        meta["margin"] = float(margin)
+    return meta
+
+
+def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str = "test",
+                    data_root=None, skip: int = 1, max_index: int | None = None,
+                    sigma=None, lam=None, q=None, seed=None, batch_size: int | None = None,
+                    images_per_batch: int | None = None, backend: str = "auto",
+                    device: str | None = "cpu", overwrite: bool = False, progress: bool = False,
+                    dist_backend: str | None = None, context: Context | None = None,
+                    margin: float = 0.0) -> dict:
+    """Certifies the images of a data split (Cohen et al.'s ``skip``/``max``) with the
+    checkpoint's smoothed classifier and writes the result TSV ``out`` (results.py),
+    resuming an earlier run of the same checkpoint, spec, split and margin.
+
+    ``margin`` tau >= 0: certify with ``certify(..., margin=tau)`` (votes that survive
+    floating-point differences of the logits up to tau/2); the file then records tau
+    and the ambiguous counts, and rows not certified even at radius 0 have radius -1/q.
+
+    ``sigma``/``lam``/``q``/``seed``, when given, must agree with the checkpoint (else
+    SpecMismatchError). Under torchrun the images are split over the ranks and rank 0
+    merges their rows into ``out``. Returns a summary dict (on every rank).
+    """
+    ckpt = read_checkpoint(checkpoint)
+    spec: SmoothingSpec = ckpt["spec_obj"]
+    spec.check_agrees(sigma=sigma, lam=lam, q=q, seed=seed)
+    ds_name = dataset or ckpt["dataset"].get("name")
+    ds = load_dataset(ds_name, split, data_root)
+    if ds.q != spec.q:
+        raise DatasetError(f"{ds_name} pixels are k/{ds.q}, but the checkpoint smooths at q={spec.q}")
+    if tuple(ds.input_shape) != tuple(spec.input_shape):
+        raise DatasetError(f"{ds_name} images are {list(ds.input_shape)}, the checkpoint's model "
+                           f"takes {list(spec.input_shape)}")
+    if len(ds) and int(ds.labels.max()) >= spec.num_classes:
+        raise DatasetError(f"{ds_name} has labels up to {int(ds.labels.max())}, the checkpoint's "
+                           f"model has {spec.num_classes} classes")
+    device = resolve_device(device)
+    try:
+        backend_name = resolve_backend(backend, device) if backend != "auto" else backend
+    except (ValueError, RuntimeError) as exc:
+        raise WorkflowError(str(exc)) from None
+    try:
+        margin = check_margin(margin)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(f"bad --margin: {exc}") from None
+    meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin)
+    indices = cohen_indices(len(ds), skip, max_index)
+    out = Path(out)
+
+    ctx = context or Context.from_env(device, dist_backend)
+    try:
+        return _certify_ranks(ctx, ckpt, spec, ds, meta, indices, out, device=device,
+                              batch_size=batch_size, images_per_batch=images_per_batch,
+                              backend=backend_name, overwrite=overwrite, progress=progress,
+                              margin=margin)
+    finally:
+        if context is None:
+            ctx.close()
+
+
+def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, device,
+                   batch_size, images_per_batch, backend, overwrite, progress,
+                   margin: float = 0.0) -> dict:
+    # Every rank runs this with the same arguments (torchrun starts the same command on
+    # each), so each rank certifies its shard with the same margin; the margin is in
+    # `meta`, so a part file or `out` of another margin is refused on every path.
+    dev = ctx.device_for(device)
+    my_part = part_path(out, ctx.rank)
+
+    # 1. Consolidate: rank 0 checks `out` and merges leftovers of an interrupted run
+    #    (its own visible part files and the part each rank finds locally).
+    def read_local_part():
+        if overwrite or not ctx.distributed or ctx.is_main:
+            return None  # rank 0's parts are found by consolidate()
+        rf = read_for_resume(my_part, meta)
+        return None if rf is None else rf.source()
+
+    def decide(gathered):
+        extra = [g for g in gathered if g is not None]
+        done = consolidate(out, meta, extra, overwrite=overwrite)
+        return sorted(done)
+
+    done = set(ctx.agree(decide, USER_ERRORS, local=read_local_part))
+    if my_part.exists() and ctx.distributed and not ctx.is_main:
+        my_part.unlink()  # merged into `out` by rank 0 above
+
+    todo = [i for i in indices if i not in done]
+    mine = ctx.shard(todo)
+    model = model_from_checkpoint(ckpt, dev)
+    L = spec.L
+    bs = 256 if batch_size is None else batch_size
+    per_batch = images_per_batch or max(1, min(64, bs // L))
+    target = my_part if ctx.distributed else out
+    kw = spec.certify_kwargs()
+    seconds = 0.0
+    writer = ResultsWriter(target, meta)
+    bar = tqdm(total=len(mine), desc=f"certify {out.name}" + (f" [rank {ctx.rank}/{ctx.world_size}]"
+               if ctx.distributed else ""), unit="img", disable=not (progress and ctx.is_main))
+    try:
+        for b in range(0, len(mine), per_batch):
+            idx = mine[b:b + per_batch]
+            x, y = ds.get(idx)
+            t0 = time.perf_counter()
+            cert = certify(model, x.to(dev), batch_size=batch_size, backend=backend,
+                           num_classes=spec.num_classes, margin=margin, **kw)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t0
+            seconds += dt
+            counts = cert.counts.cpu().tolist()
+            pred = cert.prediction.cpu().tolist()
+            radius = cert.radius.cpu().tolist()
+            # the two margin columns (results.py), or None for a file without a margin
+            num_amb, amb = ((cert.num_ambiguous.cpu().tolist(), cert.ambiguous.cpu().tolist())
+                            if margin > 0 else ([None] * len(idx),) * 2)
+            lines = [format_row(i, int(lbl), p, r, dt / len(idx), c, num_ambiguous=n, ambiguous=a)
+                     for i, lbl, p, r, c, n, a in zip(idx, y.tolist(), pred, radius, counts,
+                                                      num_amb, amb)]
+            writer.write(lines)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        writer.close()
+
+    # 2. Merge: rank 0 folds every rank's rows into `out`, sorted by index.
+    if ctx.distributed:
+        def my_rows():
+            rf = read_for_resume(my_part, meta)
+            return None if rf is None else rf.source(f"rank {ctx.rank}")
+
+        def merge(gathered):
+            existing = read_for_resume(out, meta)
+            sources = [] if existing is None else [existing.source()]
+            sources += [g for g in gathered if g is not None]
+            write_atomic(out, meta, merge_rows(sources))
+            return None
+
+        ctx.agree(merge, USER_ERRORS, local=my_rows)
+        if my_part.exists():
+            my_part.unlink()  # its rows are in `out` now
+    return summarize(out, meta, len(mine), seconds, ctx)
+
+
+def summarize(out: Path, meta: dict, certified_here: int, seconds: float, ctx: Context) -> dict:
+    summary = {"out": str(out), "certified_here": certified_here, "seconds": seconds,
+               "rank": ctx.rank, "world_size": ctx.world_size}
+    if ctx.is_main:
+        rf = read_results(out, expect_meta=meta)
+        n = len(rf.rows)
+        summary.update(rows=n, clean_accuracy=(sum(r.correct for r in rf.rows) / n) if n else float("nan"),
+                       margin=meta_margin(meta),
+                       not_certified=sum(1 for r in rf.rows if r.radius < 0))
+    return summary

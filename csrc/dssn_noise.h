@@ -1,4 +1,4 @@
-// The DSSN split-noise formula in integers (DESIGN.md, "The math, in integers").
+// The DSSN split-noise formula in integers (docs/DESIGN.md, "The integer form of the noise").
 //
 // This header is the single C++/CUDA home of the math: the CPU kernels in csrc/cpu and
 // the CUDA kernels in csrc/cuda both include it. It has no torch or libc++ dependency,

@@ -1,6 +1,6 @@
 """The certification pipeline: expand variants chunk by chunk into one reused
 workspace, run the model, fold its argmax votes into int64 counts, derive the exact
-certificate (DESIGN.md, "Certificate")."""
+certificate (docs/DESIGN.md, "The certificate")."""
 from __future__ import annotations
 
 import numbers

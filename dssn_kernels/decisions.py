@@ -8,8 +8,8 @@ class or (margin mode) is ambiguous, so finally ``N_c <= N'_c <= N_c + m`` and
 the statement holds for every possible outcome of the remaining variants, so stopping on
 them never changes an answer, whatever the order the variants are evaluated in.
 
-The full certificate (DESIGN.md, "Certificate"; margin: README, "What exact means under
-floating point"): ``A = argmax N`` (lowest index on ties) and, for ``r`` in steps,
+The full certificate (docs/DESIGN.md, "The certificate"; margin: docs/DESIGN.md,
+"The margin rule"): ``A = argmax N`` (lowest index on ties) and, for ``r`` in steps,
 
     certified at r  <=>  for every c != A:  N_A - (N_c + amb_c) - [c < A] >= 2r.
 

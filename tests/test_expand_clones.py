@@ -3,7 +3,8 @@ AVX-512, AVX2 and baseline x86-64, and the machine picks one clone when the libr
 loads; the extension tests exercise only the clone this machine picks. Here the loop is
 compiled alone for each instruction set this CPU can run (and once with the clones and
 their resolver) and every output bit is checked against the integer formula of
-DESIGN.md, written independently below, with the value m/(4q) rounded once to float32."""
+docs/DESIGN.md, "The integer form of the noise" (written independently below), with the
+value m/(4q) rounded once to float32."""
 import os
 import platform
 

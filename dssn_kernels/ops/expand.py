@@ -1,7 +1,7 @@
 """expand: write variants start..start+count-1 of a batch of images into a workspace.
 
-The integer formula (DESIGN.md) lives once in Python, here, in ``noise_numerator``;
-the native kernels read it from csrc/dssn_noise.h.
+The integer formula (docs/DESIGN.md, "The integer form of the noise") lives once in
+Python, here, in ``noise_numerator``; the native kernels read it from csrc/dssn_noise.h.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Triton kernel of dssn::expand_: writes variants start..start+count-1 of a batch of
 images straight into a workspace, in float32, float16 or bfloat16.
 
-Math (DESIGN.md, "The math, in integers"), per pixel level k in 0..q and split index
-j = (v + t) mod L:
+Math (docs/DESIGN.md, "The integer form of the noise"), per pixel level k in 0..q and
+split index j = (v + t) mod L:
 
     n  = floor((k - j - 1) / L) + 1      computed as (k - j - 1 + L) // L, a >= 0 division
     U  = min(2Ln + 2j + 1, 2q),  Lo = max(2Ln + 2j + 1 - 2L, 0),  m = U + Lo

@@ -112,7 +112,8 @@ def header_line(meta: dict) -> str:
 
 
 def expected_certificate(counts, q: int, ambiguous=None) -> tuple[int, float]:
-    """(prediction, radius) from one row of votes: DESIGN.md's certificate, in integers.
+    """(prediction, radius) from one row of votes: the certificate of docs/DESIGN.md,
+    "The certificate", in integers.
     With the per-class ``ambiguous`` counts of a margin vote: the margin rule of
     certify.certified_steps, radius -1/q where not certified even at radius 0."""
     top = max(range(len(counts)), key=lambda c: (counts[c], -c))

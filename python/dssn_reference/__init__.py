@@ -2,8 +2,9 @@
 Levine & Feizi (ICML 2021), slowly and in exact rational arithmetic.
 
 This is the oracle every backend of dssn_kernels is compared against, bit for bit. It
-shares no code with dssn_kernels. Equation numbers refer to the paper
-(shared/paper/levine-feizi-2021-dssn.txt):
+shares no code with dssn_kernels. Equation numbers refer to the paper (Levine & Feizi,
+"Improved, Deterministic Smoothing for L1 Certified Robustness", ICML 2021; restated in
+docs/DESIGN.md, "The integer form of the noise"):
 
 * Corollary 1, general case (eqs. 46-48): with split points s_i on the half-steps,
       x~_i = [ min(2λ ceil((x_i - s_i)/(2λ)) + s_i, 1)

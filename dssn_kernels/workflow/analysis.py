@@ -3,7 +3,8 @@ in the layout of the paper's Table 1, and plots (certified accuracy against radi
 image under DSSN noise next to uniform additive noise, the paper's Figure 3).
 
 An image counts as certified at radius R when the smoothed prediction is correct and its
-certified radius is >= R (DSSN certificates include the boundary: see DESIGN.md).
+certified radius is >= R (DSSN certificates include the boundary: see docs/DESIGN.md,
+"The certificate").
 ``correct`` is the result file's column: the prediction (the argmax of the votes) equals
 the label, whatever the radius; clean accuracy is its mean. Files certified with a margin
 (results.py) have rows with a negative radius (-1/q): the prediction is not certified

@@ -9,11 +9,30 @@ machines still build them. Install with an existing torch:
 """
 import glob
 import os
+import sys
 
+import setuptools
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# One line saying what to do, instead of a traceback buried in pip's output.
+INSTALL_FIX = ("install torch first (CPU: pip install torch==2.13.0) and run "
+               "pip install --no-build-isolation .")
+
+if int(setuptools.__version__.split(".")[0]) < 77:   # SPDX `license` in pyproject.toml
+    sys.exit(f"dssn-kernels needs setuptools>=77 to build (found {setuptools.__version__}): "
+             f"pip install 'setuptools>=77', then pip install --no-build-isolation .")
+
+try:
+    import torch
+    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
+                                           CUDAExtension)
+except ModuleNotFoundError as err:
+    if err.name != "torch":
+        raise
+    # pip's default build isolation hides the installed torch (torch is deliberately not a
+    # build requirement: that would download a multi-GB CUDA build).
+    sys.exit("no torch in this build environment; dssn-kernels builds against your "
+             f"installed torch: {INSTALL_FIX}")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

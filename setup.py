@@ -24,8 +24,7 @@ if int(setuptools.__version__.split(".")[0]) < 77:   # SPDX `license` in pyproje
 
 try:
     import torch
-    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
-                                           CUDAExtension)
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ModuleNotFoundError as err:
     if err.name != "torch":
         raise

@@ -18,16 +18,17 @@
 namespace dssn {
 namespace checks {
 
-// Largest q (exclusive) for which converting the correctly rounded float32 of m / (4q)
-// to fp16 / bf16 gives the correctly rounded half of m / (4q) (no double rounding);
-// spec.MAX_Q_FOR_DTYPE on the Python side.
-constexpr int64_t kMaxQHalf = 1024;
-constexpr int64_t kMaxQBFloat16 = 8192;
+// The largest q allowed (inclusive: q <= kMaxQFor*) for a half output: up to it,
+// converting the correctly rounded float32 of m / (4q) to fp16 / bf16 gives the correctly
+// rounded half of m / (4q) (no double rounding). The same numbers, in the same convention,
+// as spec.MAX_Q_FOR_DTYPE on the Python side (tests/test_op_limits.py ties them).
+constexpr int64_t kMaxQForFloat16 = 1023;
+constexpr int64_t kMaxQForBFloat16 = 8191;
 
 // dssn::expand_(out, levels, offsets, num_variants, q, start): out contiguous
 // float32/float16/bfloat16 [B, count, d], levels contiguous uint8/int32 [B, d], offsets
 // contiguous int32 [d]; 1 <= L, 1 <= q, q + L <= 2^21; the window start..start+count-1
-// inside 0..L-1; q below the half limits for half outputs.
+// inside 0..L-1; q <= kMaxQForFloat16 / kMaxQForBFloat16 for half outputs.
 inline void expand_args(const at::Tensor& out, const at::Tensor& levels,
                         const at::Tensor& offsets, int64_t num_variants, int64_t q,
                         int64_t start) {
@@ -53,12 +54,12 @@ inline void expand_args(const at::Tensor& out, const at::Tensor& levels,
   TORCH_CHECK(start >= 0 && start + count <= num_variants,
               "dssn::expand_: variant window [", start, ", ", start + count,
               ") is outside 0..", num_variants);
-  TORCH_CHECK(out_type != at::kHalf || q < kMaxQHalf,
-              "dssn::expand_: float16 output needs q < ", kMaxQHalf, " (got q = ", q,
+  TORCH_CHECK(out_type != at::kHalf || q <= kMaxQForFloat16,
+              "dssn::expand_: float16 output needs q <= ", kMaxQForFloat16, " (got q = ", q,
               "); use a float32 or bfloat16 workspace");
-  TORCH_CHECK(out_type != at::kBFloat16 || q < kMaxQBFloat16,
-              "dssn::expand_: bfloat16 output needs q < ", kMaxQBFloat16, " (got q = ", q,
-              "); use a float32 workspace");
+  TORCH_CHECK(out_type != at::kBFloat16 || q <= kMaxQForBFloat16,
+              "dssn::expand_: bfloat16 output needs q <= ", kMaxQForBFloat16, " (got q = ",
+              q, "); use a float32 workspace");
 }
 
 // The checks vote_ and vote_margin_ share (``op`` names the op in the messages): counts

@@ -9,6 +9,8 @@ nvcc is found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin).
 binding.cpp is built only with a CUDA build of torch, but it includes only the light
 c10/cuda headers, which CPU wheels ship too: it is syntax-checked with the host compiler
 (-fsyntax-only, C++20 as torch builds) against the installed torch and the CUDA headers.
+The launcher templates it calls (launchers.h) are linked against the .cu objects' explicit
+instantiations from a host-compiled program that calls every one of them (on empty work).
 """
 import concurrent.futures
 import glob
@@ -37,6 +39,45 @@ CONFIGS = {
                           "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
                           "-Xcompiler", "-fPIC"],
 }
+# Includes launchers.h and calls every instantiation the binding can ask for (the type
+# lists of launchers.h) on empty work, which returns cudaSuccess without touching a GPU.
+# Linked with the .cu objects of each of LINK_CONFIGS (plain nvcc, and torch's flags): an
+# instantiation missing from a .cu file is an undefined symbol.
+LINK_CONFIGS = ("sm_80", "torch-flags-sm_90")
+LAUNCHERS_HOST_CPP = r"""
+#include "launchers.h"
+
+#include <stdio.h>
+
+template <typename Out, typename... Levels>
+int expand_all_levels(dssn::TypeList<Levels...>) {
+  int bad = 0;
+  ((bad += dssn::launch_expand<Out, Levels>(nullptr, nullptr, nullptr, 0, 1, 1, 1, 1, 0,
+                                            nullptr) != cudaSuccess), ...);
+  return bad;
+}
+
+template <typename... Outs>
+int expand_all(dssn::TypeList<Outs...>) {
+  return (0 + ... + expand_all_levels<Outs>(dssn::ExpandLevelTypes{}));
+}
+
+template <typename... Logits>
+int vote_all(dssn::TypeList<Logits...>) {
+  int bad = 0;
+  ((bad += dssn::launch_vote<Logits>(nullptr, nullptr, nullptr, 0, 2, 0, 1, nullptr) !=
+           cudaSuccess), ...);
+  ((bad += dssn::launch_vote_margin<Logits>(nullptr, nullptr, nullptr, nullptr, 0, 2, 0, 1,
+                                            0.5, nullptr) != cudaSuccess), ...);
+  return bad;
+}
+
+int main() {
+  const int bad = expand_all(dssn::ExpandOutputTypes{}) + vote_all(dssn::LogitTypes{});
+  printf("%d launcher calls on empty work failed\n", bad);
+  return bad != 0;
+}
+"""
 ALLOWED_INCLUDES = {"cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "stdint.h",
                     "../dssn_noise.h", "launchers.h"}
 
@@ -109,16 +150,15 @@ def builds(tmp_path_factory):
                                     "-o", out, cu]
     cuda_include = _cuda_include(nvcc)
     cxx = shutil.which("g++") or shutil.which("c++")
+    host_obj = os.path.join(tmp, "launchers_host.o")
     if cuda_include and cxx:
         # launchers.h must be usable from host-only C++ (binding.cpp is not nvcc-compiled)
         src = os.path.join(tmp, "launchers_host.cpp")
         with open(src, "w") as f:
-            f.write('#include "launchers.h"\n'
-                    'int main() { auto f = &dssn_vote_f32; auto g = &dssn_expand_bf16_u8;\n'
-                    '  (void)f; (void)g; return 0; }\n')
-        jobs[("launchers.h", "host-c++")] = [cxx, "-std=c++17", "-fsyntax-only", "-Wall",
-                                             "-Wextra", "-Werror", "-I", CUDA_DIR,
-                                             "-isystem", cuda_include, src]
+            f.write(LAUNCHERS_HOST_CPP)
+        jobs[("launchers.h", "host-c++")] = [cxx, "-std=c++17", "-c", "-Wall", "-Wextra",
+                                             "-Werror", "-I", CUDA_DIR, "-isystem",
+                                             cuda_include, "-o", host_obj, src]
         cmd, _ = _binding_command(cuda_include)
         if cmd:
             jobs[("binding.cpp", "host-c++")] = cmd
@@ -130,6 +170,21 @@ def builds(tmp_path_factory):
         results = {key: (jobs[key], *fut.result()) for key, fut in futures.items()}
     print(f"\n{len(jobs)} compiles in {time.perf_counter() - t0:.1f} s wall "
           f"({nvcc}):")
+    for config in LINK_CONFIGS:
+        link_inputs = [host_obj] + [
+            os.path.join(tmp, f"{os.path.splitext(os.path.basename(cu))[0]}.{config}.o")
+            for cu in CU_FILES]
+        if not all(os.path.isfile(p) for p in link_inputs):
+            continue
+        # the binding's template calls resolve against the .cu files' explicit
+        # instantiations; the program calls every launcher on empty work (no GPU needed)
+        prog = os.path.join(tmp, f"launchers_link.{config}")
+        cmd = [nvcc, *link_inputs, "-o", prog]
+        rc, log, secs = _run(cmd)
+        if rc == 0:
+            rc, run_log, run_secs = _run([prog])
+            log, secs = log + run_log, secs + run_secs
+        results[("launchers", f"link-{config}")] = (cmd, rc, log, secs)
     for key, (_, rc, _, secs) in results.items():
         print(f"  {key[0]:>12} {key[1]:<18} rc={rc} {secs:.1f} s")
     return results
@@ -157,6 +212,16 @@ def test_launchers_header_is_host_cxx(builds):
     if ("launchers.h", "host-c++") not in builds:
         pytest.skip("no host C++ compiler or CUDA include directory")
     _assert_ok(builds[("launchers.h", "host-c++")])
+
+
+@pytest.mark.parametrize("config", LINK_CONFIGS)
+def test_launchers_link(builds, config):
+    """Every (type-list) instantiation the binding calls is defined by the .cu files."""
+    key = ("launchers", f"link-{config}")
+    if key not in builds:
+        pytest.skip("no host C++ compiler or CUDA include directory, or a compile failed "
+                    "(test_nvcc_compiles / test_launchers_header_is_host_cxx say which)")
+    _assert_ok(builds[key])
 
 
 def test_binding_syntax(builds):

@@ -16,32 +16,30 @@
 
 namespace {
 
-// Index of the first maximum of row[0..K), or -1 if the row holds a NaN.
+// The type a logit is compared in: float for float32, float16 and bfloat16 (exact
+// conversions), double for float64; the Cmp<T> of csrc/cuda/vote.cu.
+template <typename scalar_t>
+struct Cmp {
+  using type = float;
+};
+template <>
+struct Cmp<double> {
+  using type = double;
+};
+
+// Index of the first maximum of row[0..K) (compared in Cmp's type), or -1 if the row
+// holds a NaN.
 template <typename scalar_t>
 int64_t row_argmax(const scalar_t* row, int64_t K) {
-  float best = float(row[0]);
+  using acc_t = typename Cmp<scalar_t>::type;
+  acc_t best = acc_t(row[0]);
   if (std::isnan(best)) return -1;
   int64_t arg = 0;
   for (int64_t c = 1; c < K; ++c) {
-    const float v = float(row[c]);
+    const acc_t v = acc_t(row[c]);
     if (std::isnan(v)) return -1;
     if (v > best) {
       best = v;
-      arg = c;
-    }
-  }
-  return arg;
-}
-
-template <>
-int64_t row_argmax<double>(const double* row, int64_t K) {
-  double best = row[0];
-  if (std::isnan(best)) return -1;
-  int64_t arg = 0;
-  for (int64_t c = 1; c < K; ++c) {
-    if (std::isnan(row[c])) return -1;
-    if (row[c] > best) {
-      best = row[c];
       arg = c;
     }
   }
@@ -76,11 +74,7 @@ void vote_cpu(at::Tensor counts, at::Tensor nan_rows, const at::Tensor& logits,
 // Logits read exactly as double (half and bfloat16 through float, exactly).
 template <typename scalar_t>
 inline double as_double(scalar_t v) {
-  return double(float(v));
-}
-template <>
-inline double as_double<double>(double v) {
-  return v;
+  return double(typename Cmp<scalar_t>::type(v));
 }
 
 // Top value, its first index and the runner-up value (the maximum of the other columns,

@@ -77,6 +77,10 @@ __global__ void __launch_bounds__(kThreads)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+}  // namespace
+
+namespace dssn {
+
 template <typename out_t, typename level_t>
 cudaError_t launch_expand(out_t* out, const level_t* levels, const int32_t* offsets,
                           int64_t B, int64_t count, int64_t d, int L, int q, int64_t start,
@@ -97,21 +101,20 @@ cudaError_t launch_expand(out_t* out, const level_t* levels, const int32_t* offs
   return cudaGetLastError();
 }
 
-}  // namespace
+// The instantiations launchers.h promises (the binding links against these).
+#define DSSN_INSTANTIATE_EXPAND(OUT_T, LEVEL_T)                                           \
+  template cudaError_t launch_expand<OUT_T, LEVEL_T>(OUT_T*, const LEVEL_T*,              \
+                                                     const int32_t*, int64_t, int64_t,    \
+                                                     int64_t, int, int, int64_t,          \
+                                                     cudaStream_t);
 
-#define DSSN_DEFINE_EXPAND(NAME, OUT_T, LEVEL_T)                                          \
-  extern "C" cudaError_t NAME(OUT_T* out, const LEVEL_T* levels, const int32_t* offsets, \
-                              int64_t B, int64_t count, int64_t d, int L, int q,         \
-                              int64_t start, cudaStream_t stream) {                      \
-    return launch_expand<OUT_T, LEVEL_T>(out, levels, offsets, B, count, d, L, q, start, \
-                                         stream);                                        \
-  }
+DSSN_INSTANTIATE_EXPAND(float, uint8_t)
+DSSN_INSTANTIATE_EXPAND(float, int32_t)
+DSSN_INSTANTIATE_EXPAND(__half, uint8_t)
+DSSN_INSTANTIATE_EXPAND(__half, int32_t)
+DSSN_INSTANTIATE_EXPAND(__nv_bfloat16, uint8_t)
+DSSN_INSTANTIATE_EXPAND(__nv_bfloat16, int32_t)
 
-DSSN_DEFINE_EXPAND(dssn_expand_f32_u8, float, uint8_t)
-DSSN_DEFINE_EXPAND(dssn_expand_f32_i32, float, int32_t)
-DSSN_DEFINE_EXPAND(dssn_expand_f16_u8, __half, uint8_t)
-DSSN_DEFINE_EXPAND(dssn_expand_f16_i32, __half, int32_t)
-DSSN_DEFINE_EXPAND(dssn_expand_bf16_u8, __nv_bfloat16, uint8_t)
-DSSN_DEFINE_EXPAND(dssn_expand_bf16_i32, __nv_bfloat16, int32_t)
+#undef DSSN_INSTANTIATE_EXPAND
 
-#undef DSSN_DEFINE_EXPAND
+}  // namespace dssn

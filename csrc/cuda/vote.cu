@@ -163,16 +163,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
-cudaError_t launch_vote(int64_t* counts, int64_t* nan_rows, const scalar_t* logits,
-                        int64_t R, int64_t K, int64_t row0, int64_t rows_per_image,
-                        cudaStream_t stream) {
-  if (R <= 0 || K <= 0) return cudaSuccess;
-  vote_kernel<scalar_t><<<grid_blocks(R), kThreads, 0, stream>>>(
-      as_u64(counts), as_u64(nan_rows), logits, R, K, row0, rows_per_image);
-  return cudaGetLastError();
-}
-
 // Logits read exactly as double (half and bfloat16 through float, exactly) for the margin
 // test; the scan compares in float (double for double logits), as vote_kernel does, which
 // orders the values exactly as double would.
@@ -211,46 +201,44 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
+}  // namespace
+
+namespace dssn {
+
+template <typename logit_t>
+cudaError_t launch_vote(int64_t* counts, int64_t* nan_rows, const logit_t* logits,
+                        int64_t R, int64_t K, int64_t row0, int64_t rows_per_image,
+                        cudaStream_t stream) {
+  if (R <= 0 || K <= 0) return cudaSuccess;
+  vote_kernel<logit_t><<<grid_blocks(R), kThreads, 0, stream>>>(
+      as_u64(counts), as_u64(nan_rows), logits, R, K, row0, rows_per_image);
+  return cudaGetLastError();
+}
+
+template <typename logit_t>
 cudaError_t launch_vote_margin(int64_t* counts, int64_t* ambiguous, int64_t* nan_rows,
-                               const scalar_t* logits, int64_t R, int64_t K, int64_t row0,
+                               const logit_t* logits, int64_t R, int64_t K, int64_t row0,
                                int64_t rows_per_image, double margin, cudaStream_t stream) {
   if (R <= 0 || K <= 0) return cudaSuccess;
-  vote_margin_kernel<scalar_t><<<grid_blocks(R), kThreads, 0, stream>>>(
+  vote_margin_kernel<logit_t><<<grid_blocks(R), kThreads, 0, stream>>>(
       as_u64(counts), as_u64(ambiguous), as_u64(nan_rows), logits, R, K, row0,
       rows_per_image, margin);
   return cudaGetLastError();
 }
 
-}  // namespace
+// The instantiations launchers.h promises (the binding links against these).
+#define DSSN_INSTANTIATE_VOTE(LOGIT_T)                                                     \
+  template cudaError_t launch_vote<LOGIT_T>(int64_t*, int64_t*, const LOGIT_T*, int64_t,  \
+                                            int64_t, int64_t, int64_t, cudaStream_t);      \
+  template cudaError_t launch_vote_margin<LOGIT_T>(int64_t*, int64_t*, int64_t*,           \
+                                                   const LOGIT_T*, int64_t, int64_t,       \
+                                                   int64_t, int64_t, double, cudaStream_t);
 
-#define DSSN_DEFINE_VOTE(NAME, LOGIT_T)                                                     \
-  extern "C" cudaError_t NAME(int64_t* counts, int64_t* nan_rows, const LOGIT_T* logits,   \
-                              int64_t R, int64_t K, int64_t row0, int64_t rows_per_image,  \
-                              cudaStream_t stream) {                                       \
-    return launch_vote<LOGIT_T>(counts, nan_rows, logits, R, K, row0, rows_per_image,      \
-                                stream);                                                   \
-  }
+DSSN_INSTANTIATE_VOTE(float)
+DSSN_INSTANTIATE_VOTE(double)
+DSSN_INSTANTIATE_VOTE(__half)
+DSSN_INSTANTIATE_VOTE(__nv_bfloat16)
 
-DSSN_DEFINE_VOTE(dssn_vote_f32, float)
-DSSN_DEFINE_VOTE(dssn_vote_f64, double)
-DSSN_DEFINE_VOTE(dssn_vote_f16, __half)
-DSSN_DEFINE_VOTE(dssn_vote_bf16, __nv_bfloat16)
+#undef DSSN_INSTANTIATE_VOTE
 
-#undef DSSN_DEFINE_VOTE
-
-#define DSSN_DEFINE_VOTE_MARGIN(NAME, LOGIT_T)                                           \
-  extern "C" cudaError_t NAME(int64_t* counts, int64_t* ambiguous, int64_t* nan_rows,   \
-                              const LOGIT_T* logits, int64_t R, int64_t K, int64_t row0, \
-                              int64_t rows_per_image, double margin,                    \
-                              cudaStream_t stream) {                                    \
-    return launch_vote_margin<LOGIT_T>(counts, ambiguous, nan_rows, logits, R, K, row0,  \
-                                       rows_per_image, margin, stream);                 \
-  }
-
-DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_f32, float)
-DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_f64, double)
-DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_f16, __half)
-DSSN_DEFINE_VOTE_MARGIN(dssn_vote_margin_bf16, __nv_bfloat16)
-
-#undef DSSN_DEFINE_VOTE_MARGIN
+}  // namespace dssn

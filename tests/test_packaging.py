@@ -100,8 +100,9 @@ def dists(tmp_path_factory, files):
         os.makedirs(src / os.path.dirname(f), exist_ok=True)
         (src / f).write_bytes(b"stray build product")
     out = tmp / "dist"
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)], tmp,
-        env=clean_env())
+    p = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)],
+            tmp, env=clean_env())
+    assert "project.license" not in p.stdout + p.stderr   # no deprecated license table
     (sdist,) = out.glob("*.tar.gz")
     (wheel,) = out.glob("*.whl")
     return sdist, wheel

@@ -1,13 +1,24 @@
 # make demo   sets everything up (.venv, CPU torch, the C++ extension) and runs the demo
 # make test   sets everything up and runs the test suite
+# make cuda-build-check   builds the CUDA extension against a CUDA torch in .venv-cuda (no
+#             GPU needed) and checks its registration and argument checks (CI runs it)
+# make gpu-check   on a GPU machine, with its own python (no venv, no download): builds for
+#             the visible GPU, runs the GPU tests, compute-sanitizer and the GPU benchmarks
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The PATH before the venv's bin is put first: gpu-check runs the machine's own python.
+SYSTEM_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+CUDA_VENV ?= .venv-cuda
+CUDA_ARCH ?= 7.5
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+GPU_CHECK_ARGS ?=
 
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean cuda-build-check gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-dev.txt $(NATIVE)
@@ -24,6 +35,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+cuda-build-check:
+	PATH="$(SYSTEM_PATH)" $(PYTHON) scripts/cuda_build_check.py --venv $(CUDA_VENV) --arch $(CUDA_ARCH)
+
+gpu-check:
+	PATH="$(SYSTEM_PATH)" $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dssn_kernels/*.so *.egg-info

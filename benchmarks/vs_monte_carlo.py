@@ -5,6 +5,7 @@ chunked pipeline and vote kernels, in one run.
 
     python benchmarks/vs_monte_carlo.py [--quick] [--out DIR] [--device cpu|cuda]
                                         [--model small|wrn40-2] [--sigmas ...]
+                                        [--stem NAME]
 
 For each sigma (q = 255, L = dk.num_variants(sigma) = 220, 441, 883, 1766, 3091 for
 sigma = 0.25, 0.5, 1, 2, 3.5):
@@ -150,6 +151,7 @@ def parse_args(argv=None):
     p = bc.arg_parser(__doc__, "smoke run: 1 DSSN image, 1 repetition, MC timed with "
                                "n = 512 and extrapolated")
     p.add_argument("--model", choices=bc.MODELS, default="small")
+    p.add_argument("--stem", default=STEM, help="output file names <stem>.{json,md,png}")
     p.add_argument("--backend", default="auto", help="DSSN backend (default auto)")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(bc.FIGURE6_SIGMAS))
     p.add_argument("--batch-size", type=int, default=None,
@@ -196,7 +198,7 @@ def main(argv=None) -> dict:
                          mc_backend=resolve_backend("auto", device),
                          sigmas=list(args.sigmas), quick=args.quick, seed=args.seed)
     result = {"environment": env, "rows": measure(args, model, device)}
-    return bc.publish(args.out, STEM, result, markdown(result),
+    return bc.publish(args.out, args.stem, result, markdown(result),
                       None if args.no_plot else plot)
 
 

@@ -1,0 +1,146 @@
+"""`make gpu-check` cannot rot before its first GPU run: its dry run (the same script,
+benchmarks/gpu_check.py --dry-run: CPU device, tiny sizes, no build, no sanitizer) runs
+every step and writes the report: gpu_check.json, summary.md and the logs, with a row for
+every model and sigma of the plan and every precision mode."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def load_gpu_check():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = load_gpu_check()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    return out, proc
+
+
+def test_dry_run_passes_and_prints_the_summary(dry_run):
+    _, proc = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "# gpu-check (dry run: CPU, tiny sizes)" in proc.stdout
+    assert "gpu-check: PASSED" in proc.stdout
+
+
+def test_report_files_exist(dry_run):
+    out, _ = dry_run
+    for rel in ("gpu_check.json", "summary.md", "logs/pytest_gpu.log",
+                "logs/pytest_cpu_exactness.log", "logs/probe.log", "overhead_small.json",
+                "overhead_small.md", "precision_small.json", "vs_monte_carlo_small.json",
+                "vs_monte_carlo_small.md"):
+        assert (out / rel).is_file(), rel
+    assert "-m gpu" in (out / "logs/pytest_gpu.log").read_text()
+
+
+def test_every_step_ran(dry_run):
+    out, _ = dry_run
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["dry_run"] and result["passed"] and result["device"] == "cpu"
+    status = {rec["name"]: rec["status"] for rec in result["steps"]}
+    assert status == {"build": "dry-run", "probe": "ok", "pytest -m gpu": "ok",
+                      "memcheck cpp": "ok", "overhead small": "ok", "precision small": "ok",
+                      "vs_monte_carlo small": "ok", "CPU exactness tests": "ok"}, status
+    tests = {rec["name"]: rec.get("counts") for rec in result["steps"]}
+    assert tests["pytest -m gpu"].get("skipped", 0) > 0      # the gpu cases, skipped here
+    assert tests["CPU exactness tests"]["collected"] > 0
+    memcheck = next(rec for rec in result["steps"] if rec["name"] == "memcheck cpp")
+    assert all(v["counts_equal_torch"] for k, v in memcheck["result"].items()
+               if k.startswith("margin_"))
+
+
+def test_rows_for_every_model_sigma_and_mode(dry_run):
+    out, _ = dry_run
+    result = json.loads((out / "gpu_check.json").read_text())
+    plan = gc.plan(dry_run=True)
+    head = {(h["model"], h["sigma"]): h for h in result["headline"]}
+    assert set(head) == {(m, s) for m in plan["models"] for s in plan["sigmas"]}
+    for h in head.values():
+        assert h["L"] > 0 and h["dssn_s_per_image"] > 0 and h["mc_s_per_image"] > 0
+        assert h["mc_method"].startswith("extrapolated")
+        assert set(h["certify_over_forward"]) == {"cpp"} and h["naive_over_forward"] > 0
+    prec = result["reports"]["precision"]["small"]["rows"]
+    assert {(r["mode"], r["sigma"]) for r in prec} == \
+        {(m, s) for m in gc.MODES for s in plan["sigmas"]}
+    for r in prec:
+        assert r["certify_s"] > 0 and r["forward_s"] > 0
+        if r["mode"] == "fp32":
+            assert r["votes_moved_vs_fp32"] == 0 and r["predictions_agree_fp32"] == 1.0
+    memory = result["reports"]["overhead"]["small"]["memory"]["summary"]
+    assert memory and all(len(m["L"]) == len(plan["sigmas"]) for m in memory)
+
+
+def test_summary_sections_and_tables(dry_run):
+    out, _ = dry_run
+    md = (out / "summary.md").read_text()
+    for section in ("## Steps", "## compute-sanitizer memcheck",
+                    "## Certification time per image", "## Precision",
+                    "## Peak memory against L"):
+        assert section in md, section
+    lines = md.splitlines()
+    tables = 0
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            block = []
+            for row in lines[i:]:
+                if not row.startswith("|"):
+                    break
+                block.append(row)
+            widths = {len(row.strip().strip("|").split("|")) for row in block}
+            assert len(widths) == 1 and len(block) >= 3, block
+            tables += 1
+    assert tables == 5
+
+
+def test_pytest_counts_reads_the_closing_line():
+    text = "....\n3 failed, 120 passed, 4 skipped, 2 deselected in 9.1s\n"
+    assert gc.pytest_counts(text) == {"failed": 3, "passed": 120, "skipped": 4,
+                                      "deselected": 2}
+    assert gc.pytest_counts("1 error in 0.2s") == {"error": 1}
+    assert gc.pytest_counts("nothing here") == {}
+
+
+def test_sanitizer_step_runs_the_tool_and_reads_its_summary(tmp_path, monkeypatch):
+    """The GPU branch of the sanitizer step, on the CPU: a stand-in compute-sanitizer runs
+    the target after the options and prints the tool's closing line."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f'#!/bin/sh\nwhile [ "$1" != "{sys.executable}" ]; do shift; done\n'
+                    '"$@"\nrc=$?\necho "========= ERROR SUMMARY: 0 errors"\nexit $rc\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(gc, "find_sanitizer", lambda: str(fake))
+    runner = gc.Runner(tmp_path / "out", 120, sys.executable)
+    plan = dict(gc.plan(dry_run=True), device="cpu")
+    state = {"probe": {"backends": ["torch", "cpp"]}}      # cuda, triton: not here
+    gc.step_sanitizer(runner, plan, False, state)
+    (rec,) = runner.records
+    assert rec["name"] == "memcheck torch" and rec["status"] == "ok", runner.log_text(rec)
+    assert rec["command"].startswith(f"{fake} --tool memcheck --error-exitcode 97")
+    assert rec["sanitizer_errors"] == 0
+    assert all(v["counts_equal_torch"] for k, v in rec["result"].items()
+               if k.startswith("margin_"))
+
+
+def test_sanitizer_step_says_so_without_the_tool(tmp_path, monkeypatch):
+    monkeypatch.setattr(gc, "find_sanitizer", lambda: None)
+    runner = gc.Runner(tmp_path / "out", 120, sys.executable)
+    gc.step_sanitizer(runner, dict(gc.plan(dry_run=True), device="cpu"), False,
+                      {"probe": {"backends": ["torch"]}})
+    (rec,) = runner.records
+    assert rec["status"] == "unavailable" and "not found" in rec["detail"]

@@ -9,23 +9,25 @@ the statement holds for every possible outcome of the remaining variants, so sto
 them never changes an answer, whatever the order the variants are evaluated in.
 
 The full certificate (docs/DESIGN.md, "The certificate"; margin: docs/DESIGN.md,
-"The margin rule"): ``A = argmax N`` (lowest index on ties) and, for ``r`` in steps,
+"The margin rule") is written once, here, in ``class_leads`` and ``certified_steps``:
+certify, early exit and the result-file checks all use it. ``A = argmax N`` (lowest
+index on ties) and, for ``r`` in steps,
 
-    certified at r  <=>  for every c != A:  N_A - (N_c + amb_c) - [c < A] >= 2r.
+    certified at r  <=>  lead_A >= 2r,
+    lead_X = N_X - max over c != X of (N_c + amb_c + [c < X]).
 
 (With amb = 0 this is ``floor((N_A - N_B - [B < A]) / 2) >= r``, the design's formula.)
-The condition for a class A implies that A is the argmax of N, so at most one class can
-satisfy it; ``best_rival[A] = max over c != A of (N_c + amb_c + [c < A])`` is all the
-rules need.
+``lead_X >= 0`` implies that X is the argmax of N, so at most one class can be
+certified; ``class_leads`` (lead_X of every class X) is all the rules below need.
 
 * ``certified_settled``: every outcome certifies the current leader A (so the final
   prediction is A as well): its worst case against each rival c is every remaining
-  variant going to c, ``N_A - best_rival[A] - m >= 2r``. (For r >= 1, "every outcome
+  variant going to c, ``lead_A - m >= 2r``. (For r >= 1, "every outcome
   certifies some class" is the same statement: one variant moves N_X - N_Y by at most
   2, so neighbouring outcomes cannot certify different classes. At r = 0 without a
   margin every outcome is certified, and the rule waits until the prediction settles.)
 * ``uncertifiable``: no outcome certifies any class: the best case for each A is every
-  remaining variant voting for A, ``N_A + m - best_rival[A] < 2r`` for every A.
+  remaining variant voting for A, ``lead_A + m < 2r`` for every A.
 * ``prediction_settled``: the leader of the unambiguous counts cannot be overtaken:
   ``N_A - m >= N_c + [c < A]`` for every c != A (ambiguous variants vote for no class).
 
@@ -45,9 +47,8 @@ from numbers import Rational
 import numpy as np
 import torch
 
-__all__ = ["required_steps", "leader", "best_rival", "prediction_settled",
-           "certified_settled", "uncertifiable", "certify_status", "full_decision",
-           "more_needed_certify", "more_needed_predict"]
+__all__ = ["required_steps", "leader", "class_leads", "certified_steps", "prediction_settled",
+           "certified_settled", "uncertifiable", "more_needed_certify", "more_needed_predict"]
 
 
 def required_steps(radius, q: int) -> int:
@@ -85,23 +86,35 @@ def leader(counts: torch.Tensor) -> torch.Tensor:
     return counts.argmax(dim=1)
 
 
-def best_rival(counts: torch.Tensor, ambiguous: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, K]: entry (b, A) = max over c != A of (N_c + amb_c + [c < A]) (int64)."""
-    key = counts.long() if ambiguous is None else counts.long() + ambiguous.long()
+def class_leads(counts: torch.Tensor, ambiguous: torch.Tensor | None = None) -> torch.Tensor:
+    """The certificate rule: [B, K] int64, entry (b, X) = lead_X =
+    N_X - max over c != X of (N_c + amb_c + [c < X]) (amb = 0 without ``ambiguous``).
+    Class X is certified at r steps iff lead_X >= 2r; lead_X >= 0 only for X = argmax N
+    (lowest index on ties). K >= 2."""
+    counts = counts.long()
+    key = counts if ambiguous is None else counts + ambiguous.long()
     B, K = key.shape
     low = torch.iinfo(torch.int64).min // 4
     pad = torch.full((B, 1), low, dtype=torch.int64, device=key.device)
-    # prefix max over c < A (each + 1), suffix max over c > A
+    # the best rival of X: prefix max over c < X (each + 1), suffix max over c > X
     before = torch.cat([pad, key[:, :-1].cummax(dim=1).values + 1], dim=1)
     after = torch.cat([key.flip(1)[:, :-1].cummax(dim=1).values.flip(1), pad], dim=1)
-    return torch.maximum(before, after)
+    return counts - torch.maximum(before, after)
 
 
 def _lead(counts: torch.Tensor, ambiguous: torch.Tensor | None = None):
-    """(A, N_A - best_rival[A]) per row: the leader and its lead over its best rival."""
+    """(A, lead_A) per row: the leader and its lead (class_leads at A)."""
     A = leader(counts)
-    rival = best_rival(counts, ambiguous).gather(1, A[:, None])[:, 0]
-    return A, counts.gather(1, A[:, None])[:, 0] - rival
+    return A, class_leads(counts, ambiguous).gather(1, A[:, None])[:, 0]
+
+
+def certified_steps(counts: torch.Tensor, ambiguous: torch.Tensor | None = None):
+    """(prediction A, steps r) of complete counts [B, K] (K >= 2): A = argmax N (lowest
+    index on ties) and r = floor(lead_A / 2) (class_leads), or -1 (not certified even at
+    radius 0) when lead_A < 0, which needs ambiguous counts: without them (amb = 0) r is
+    floor((N_A - N_B - [B < A]) / 2) for the runner-up B, never negative."""
+    A, lead = _lead(counts, ambiguous)
+    return A, torch.div(lead, 2, rounding_mode="floor").clamp(min=-1)
 
 
 def _remaining(remaining, counts) -> torch.Tensor:
@@ -118,7 +131,6 @@ def _steps(steps):
 
 def prediction_settled(counts: torch.Tensor, remaining) -> torch.Tensor:
     """Bool [B]: no outcome of the ``remaining`` variants can change argmax(counts)."""
-    counts = counts.long()
     m = _remaining(remaining, counts)
     return _lead(counts)[1] - m >= 0
 
@@ -127,7 +139,6 @@ def certified_settled(counts: torch.Tensor, remaining, steps,
                       ambiguous: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B]: every outcome certifies the current leader at ``steps`` (so the final
     prediction is the current leader and it is certified)."""
-    counts = counts.long()
     steps = _steps(steps)
     m = _remaining(remaining, counts)
     return _lead(counts, ambiguous)[1] - m >= 2 * steps
@@ -136,32 +147,10 @@ def certified_settled(counts: torch.Tensor, remaining, steps,
 def uncertifiable(counts: torch.Tensor, remaining, steps,
                   ambiguous: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B]: no outcome of the remaining variants certifies any class at ``steps``."""
-    counts = counts.long()
     steps = _steps(steps)
     m = _remaining(remaining, counts)
-    possible = counts + m[:, None] - best_rival(counts, ambiguous) >= 2 * steps
+    possible = class_leads(counts, ambiguous) + m[:, None] >= 2 * steps
     return ~possible.any(dim=1)
-
-
-def certify_status(counts: torch.Tensor, remaining, steps,
-                   ambiguous: torch.Tensor | None = None):
-    """(done, certified): done = the decision "certified at ``steps``" is the same for
-    every outcome of the remaining variants (and, where certified, so is the
-    prediction); certified = that decision where done (False where not done)."""
-    yes = certified_settled(counts, remaining, steps, ambiguous)
-    no = uncertifiable(counts, remaining, steps, ambiguous)
-    return yes | no, yes
-
-
-
-def full_decision(counts: torch.Tensor, steps, ambiguous: torch.Tensor | None = None):
-    """(prediction, certified) from complete counts (no variant left): A = argmax N
-    (lowest index on ties), certified <=> N_A - max_{c != A}(N_c + amb_c + [c < A]) >= 2r.
-    Without ``ambiguous`` this is ``certified_steps(counts)[1] >= steps``."""
-    counts = counts.long()
-    steps = _steps(steps)
-    A, lead = _lead(counts, ambiguous)
-    return A, lead >= 2 * steps
 
 
 def _halves(deficit: torch.Tensor) -> torch.Tensor:
@@ -173,9 +162,8 @@ def more_needed_predict(counts: torch.Tensor, remaining) -> torch.Tensor:
     """LongTensor [B]: a lower bound on the further variants needed before
     ``prediction_settled`` can hold (0 where it holds now). One variant raises
     N_X - m - rival_X by at most 2, so class X needs ceil(deficit_X / 2) more."""
-    counts = counts.long()
     m = _remaining(remaining, counts)
-    slack = counts - m[:, None] - best_rival(counts)
+    slack = class_leads(counts) - m[:, None]
     return _halves(-slack).min(dim=1).values
 
 
@@ -189,12 +177,11 @@ def more_needed_certify(counts: torch.Tensor, remaining, steps,
     One variant raises N_X - m - rival_X by at most 2 (certified_settled for X needs it
     >= 2r) and lowers N_X + m - rival_X by at most 2 (uncertifiable needs it < 2r for
     every X)."""
-    counts = counts.long()
     steps = _steps(steps)
     m = _remaining(remaining, counts)
-    rival = best_rival(counts, ambiguous)
-    need_yes = _halves(2 * steps - (counts - m[:, None] - rival)).min(dim=1).values
-    possible = counts + m[:, None] - rival - 2 * steps      # >= 0: X can still be certified
+    lead = class_leads(counts, ambiguous)
+    need_yes = _halves(2 * steps - (lead - m[:, None])).min(dim=1).values
+    possible = lead + m[:, None] - 2 * steps                # >= 0: X can still be certified
     need_no = torch.div(possible + 2, 2, rounding_mode="floor").clamp(min=0).max(dim=1).values
     if settle_prediction:
         need_no = torch.maximum(need_no, more_needed_predict(counts, m))

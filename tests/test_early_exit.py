@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import dssn_kernels as dk
 from dssn_kernels import decisions, early_exit
-from dssn_kernels.certify import certified_steps
+from dssn_kernels.decisions import certified_steps
 from dssn_kernels.early_exit import variant_order
 from dssn_kernels.ops import vote_margin_into
 from testkit import Constant, IntegerLinear
@@ -89,17 +89,12 @@ def test_rules_by_brute_force(K, margin, max_n, max_a, max_m):
             no = (~cert).all(axis=1)
             assert np.array_equal(decisions.certified_settled(tN, m, s, tA).numpy(), yes)
             assert np.array_equal(decisions.uncertifiable(tN, m, s, tA).numpy(), no)
-            done, certified = decisions.certify_status(tN, m, s, tA)
-            assert np.array_equal(done.numpy(), yes | no)
-            assert np.array_equal(certified.numpy(), yes)
             if s >= 1:  # "every outcome certifies some class" is the same as `yes`
                 assert np.array_equal(cert.all(axis=1), yes)
-            if m == 0:
-                p, c = decisions.full_decision(tN, s, tA)
+            if m == 0:  # no variant left: the full certificate, the one rule
+                p, r = certified_steps(tN, tA)
                 assert np.array_equal(p.numpy(), lead[:, 0])
-                assert np.array_equal(c.numpy(), cert[:, 0])
-                if not margin:
-                    assert np.array_equal(c.numpy(), (certified_steps(tN)[1] >= s).numpy())
+                assert np.array_equal((r >= s).numpy(), cert[:, 0])
 
 
 @pytest.mark.parametrize("K,margin,max_n,max_a,max_m", [
@@ -141,7 +136,8 @@ def test_rules_per_row_remaining_and_dtypes():
     counts = torch.tensor([[5, 0, 0], [3, 2, 0]], dtype=torch.int32)
     assert decisions.prediction_settled(counts, torch.tensor([4, 0])).tolist() == [True, True]
     assert decisions.prediction_settled(counts, torch.tensor([6, 2])).tolist() == [False, False]
-    assert decisions.best_rival(counts).tolist() == [[0, 6, 6], [2, 4, 4]]
+    # lead_X = N_X - best rival of X (N_c + [c < X] over c != X): best rivals [0, 6, 6], [2, 4, 4]
+    assert (counts - decisions.class_leads(counts)).tolist() == [[0, 6, 6], [2, 4, 4]]
 
 
 # --- required_steps ------------------------------------------------------------------------
@@ -300,8 +296,8 @@ def test_certify_at_with_margin_equals_full_certificate(data):
         assert torch.equal(dec.ambiguous[b], amb[b, :e].sum(0))
     # margin: the full certificate's answers from the per-variant votes, independently
     steps = decisions.required_steps(radius, q)
-    p, c = decisions.full_decision(votes.sum(1), steps, amb.sum(1))
-    assert torch.equal(c, dec.certified)
+    p, r = certified_steps(votes.sum(1), amb.sum(1))
+    assert torch.equal(r >= steps, dec.certified)
     assert torch.equal(p, cert.prediction)
 
 

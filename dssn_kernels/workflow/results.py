@@ -23,7 +23,7 @@ header also holds ``"margin": tau`` and every row two more columns::
 ``num_ambiguous`` is the number of variants whose top logit beat the runner-up by less
 than tau (they vote for no class, so sum(counts) + num_ambiguous == L) and ``ambiguous``
 the per-class counts of the classes each of them could win (Certificate.ambiguous). The
-radius follows the margin rule (certify.certified_steps) and is -1/q where the
+radius follows the margin rule (decisions.certified_steps) and is -1/q where the
 prediction is not certified even at radius 0. Without a margin (tau = 0) the header has
 no ``margin`` key and the rows have the seven columns above: the format is unchanged.
 
@@ -43,6 +43,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..decisions import certified_steps
 
 FORMAT = "dssn-results/1"
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "counts")
@@ -112,18 +117,46 @@ def header_line(meta: dict) -> str:
 
 
 def expected_certificate(counts, q: int, ambiguous=None) -> tuple[int, float]:
-    """(prediction, radius) from one row of votes: the certificate of docs/DESIGN.md,
-    "The certificate", in integers.
-    With the per-class ``ambiguous`` counts of a margin vote: the margin rule of
-    certify.certified_steps, radius -1/q where not certified even at radius 0."""
-    top = max(range(len(counts)), key=lambda c: (counts[c], -c))
-    if ambiguous is None:
-        runner = max((c for c in range(len(counts)) if c != top), key=lambda c: (counts[c], -c))
-        steps = (counts[top] - counts[runner] - (1 if runner < top else 0)) // 2
-        return top, steps / q
-    steps = min((counts[top] - counts[c] - ambiguous[c] - (1 if c < top else 0)) // 2
-                for c in range(len(counts)) if c != top)
-    return top, max(steps, -1) / q
+    """(prediction, radius) from one row of votes (K >= 2 classes): the certificate of
+    docs/DESIGN.md, "The certificate", by the rule certify uses
+    (decisions.certified_steps). With the per-class ``ambiguous`` counts of a margin
+    vote: the margin rule, radius -1/q where not certified even at radius 0."""
+    amb = None if ambiguous is None else [tuple(ambiguous)]
+    (pred, steps), = _certified_rows([tuple(counts)], amb)
+    return pred, steps / q
+
+
+def _certified_rows(counts, ambiguous=None) -> list[tuple[int, int]]:
+    """(prediction, steps) of rows of votes (tuples of one length K >= 2; ``ambiguous``:
+    one per row, or None), by one call of decisions.certified_steps."""
+    amb = None if ambiguous is None else torch.from_numpy(np.array(ambiguous, dtype=np.int64))
+    top, steps = certified_steps(torch.from_numpy(np.array(counts, dtype=np.int64)), amb)
+    return list(zip(top.tolist(), steps.tolist()))
+
+
+def _certificates(lines, columns) -> dict:
+    """{(counts, ambiguous): (prediction, steps)} for the row lines of a file, computed in
+    one batch per K (rows that do not read or fit are left to check_row)."""
+    groups = {}
+    for line in lines:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != len(columns):
+            continue
+        try:
+            counts = _ints(parts[6])
+            amb = _ints(parts[8]) if len(parts) > len(COLUMNS) else None
+        except ValueError:
+            continue
+        K = len(counts)
+        if K >= 2 and (amb is None or len(amb) == K) \
+                and all(0 <= c < 2 ** 62 for c in counts + (amb or ())):
+            groups.setdefault((K, amb is None), set()).add((counts, amb))
+    out = {}
+    for (_, plain), keys in groups.items():
+        keys = list(keys)
+        amb = None if plain else [a for _, a in keys]
+        out.update(zip(keys, _certified_rows([c for c, _ in keys], amb)))
+    return out
 
 
 def _ints(text: str) -> tuple:
@@ -148,7 +181,9 @@ def parse_row(line: str, where: str, columns: tuple = COLUMNS) -> Row:
     return Row(idx, label, predict, radius, correct, seconds, counts, num_ambiguous, ambiguous)
 
 
-def check_row(row: Row, spec: dict, where: str) -> None:
+def check_row(row: Row, spec: dict, where: str, certificates: dict | None = None) -> None:
+    """Refuses (ResultsError) a row that the run could not have written. ``certificates``:
+    precomputed certificates of the rows (_certificates), else each is computed here."""
     L, q, k = spec.get("L"), spec.get("q"), spec.get("num_classes")
     margin = row.num_ambiguous is not None
     if row.idx < 0 or row.label < 0 or any(c < 0 for c in row.counts):
@@ -172,7 +207,14 @@ def check_row(row: Row, spec: dict, where: str) -> None:
     elif L is not None and sum(row.counts) != L:
         raise ResultsError(f"{where}: the votes sum to {sum(row.counts)}, expected L={L}")
     if q is not None and len(row.counts) >= 2:
-        pred, radius = expected_certificate(row.counts, q, row.ambiguous)
+        known = (certificates or {}).get((row.counts, row.ambiguous))
+        if known is not None:
+            pred, radius = known[0], known[1] / q
+        else:
+            try:
+                pred, radius = expected_certificate(row.counts, q, row.ambiguous)
+            except (OverflowError, RuntimeError):   # counts beyond int64
+                raise ResultsError(f"{where}: vote counts out of range") from None
         if (row.predict, row.radius) != (pred, radius):
             raise ResultsError(f"{where}: predict={row.predict} radius={row.radius!r} do not "
                                f"follow from the counts (predict={pred} radius={radius!r})")
@@ -259,10 +301,11 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
     spec = meta.get("spec", {}) if isinstance(meta.get("spec"), dict) else {}
     out = ResultsFile(path=path, meta=meta, torn=torn)
     seen = {}
+    certificates = _certificates(lines[2:], columns) if spec.get("q") is not None else {}
     for n, line in enumerate(lines[2:], start=3):
         where = f"{path} is corrupt: line {n}"
         row = parse_row(line, where, columns)
-        check_row(row, spec, where)
+        check_row(row, spec, where, certificates)
         if row.idx in seen:
             raise ResultsError(f"{where}: index {row.idx} already on line {seen[row.idx]}")
         seen[row.idx] = n

@@ -6,11 +6,12 @@
 
 The reference oracle lives in the separate package ``dssn_reference`` (python/).
 """
-from .backends import BackendUnavailableError, available_backends, native_extension_error
+from .backends import (BackendUnavailableError, NativeExtensionWarning, available_backends,
+                       native_extension_error)
 from .certify import Certificate, certificate_from_counts, certify, variants
 from .early_exit import Decision, Prediction, certify_at, predict
 from .smooth import DSSN
-from .spec import num_variants, split_offsets
+from .spec import lam_from_sigma, num_variants, sigma_from_lam, split_offsets
 from .training import training_noise
 
 __version__ = "0.1.0"
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 native_extension_error()  # registers torch.ops.dssn.* when the extension is built
 
 __all__ = [
-    "BackendUnavailableError", "Certificate", "DSSN", "Decision", "Prediction",
-    "available_backends", "certificate_from_counts", "certify", "certify_at",
-    "num_variants", "predict", "split_offsets", "training_noise", "variants",
+    "BackendUnavailableError", "Certificate", "DSSN", "Decision", "NativeExtensionWarning",
+    "Prediction", "available_backends", "certificate_from_counts", "certify", "certify_at",
+    "lam_from_sigma", "num_variants", "predict", "sigma_from_lam", "split_offsets",
+    "training_noise", "variants",
 ]

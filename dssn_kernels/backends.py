@@ -4,28 +4,75 @@
 CUDA tensors -> ``cuda`` when the extension was built with its CUDA kernels, else
 ``triton`` on sm_80+ (Triton dropped Turing after 3.2), else ``torch``. ``triton`` with
 CPU tensors runs through Triton's interpreter when TRITON_INTERPRET=1 is set.
+
+When the native extension does not import, ``auto`` says so once per process
+(NativeExtensionWarning: why, and how to build it) and goes on with the fallback, whose
+results are the same bits, only slower.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import os
+import sys
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+from .checks import BACKENDS, check_backend_name  # noqa: F401  (BACKENDS: re-exported)
+
+BUILD_HINT = ("build it from the repository root with `pip install --no-build-isolation -e .` "
+              "(needs a C++ compiler; a CUDA toolkit for the CUDA kernels)")
 
 
 class BackendUnavailableError(RuntimeError):
     """The named backend is not built or cannot run on the given device."""
 
 
+class NativeExtensionWarning(UserWarning):
+    """``backend="auto"`` fell back because the native extension does not import."""
+
+
+def _load_native() -> ImportError | None:
+    """Imports dssn_kernels._C (which registers torch.ops.dssn.*): None, or the error."""
+    try:
+        importlib.import_module(f"{__package__}._C")
+    except ImportError as exc:
+        return exc
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def native_extension_error() -> str | None:
-    """None if dssn_kernels._C (the torch.ops.dssn kernels) imports, else why not."""
-    try:
-        from . import _C  # noqa: F401  (registers torch.ops.dssn.*)
-    except ImportError as exc:  # not built
-        return f"the native extension dssn_kernels._C is not built ({exc})"
-    return None
+    """None if the native extension dssn_kernels._C (the torch.ops.dssn kernels) imports,
+    else a sentence saying why not (without the build hint, BUILD_HINT)."""
+    exc = _load_native()
+    if exc is None:
+        return None
+    name = f"{__package__}._C"
+    if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+        return f"the native C++ extension {name} is not built (no compiled {name} module found)"
+    return (f"the native C++ extension {name} is built but does not load "
+            f"({type(exc).__name__}: {exc})")
+
+
+_fallback_warned = False
+
+
+def _warn_native_fallback(fallback: str, device) -> None:
+    """The one NativeExtensionWarning of the process (auto fell back to ``fallback``)."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    # point the warning at the caller's line, the first frame outside this package
+    package, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"{native_extension_error()}, so backend='auto' uses the {fallback!r} backend "
+                  f"on {torch.device(device).type} tensors (the same results, slower); "
+                  f"{BUILD_HINT}", NativeExtensionWarning, stacklevel=level)
 
 
 def native_has_cuda_kernels() -> bool:
@@ -54,27 +101,28 @@ def available_backends(device="cpu") -> list[str]:
     return out
 
 
-def check_backend_name(backend) -> str:
-    """``backend`` if it is one of BACKENDS, else ValueError (whether it runs is
-    resolve_backend's question)."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return backend
+def _auto_backend(device: torch.device) -> str:
+    if device.type == "cpu":
+        if native_extension_error() is None:
+            return "cpp"
+        _warn_native_fallback("torch", device)
+        return "torch"
+    if device.type == "cuda":
+        if native_has_cuda_kernels():
+            return "cuda"
+        chosen = "triton" if _triton_status(device)[0] else "torch"
+        if native_extension_error() is not None:
+            _warn_native_fallback(chosen, device)
+        return chosen
+    return "torch"
 
 
 def resolve_backend(backend: str, device) -> str:
-    """The concrete backend for tensors on ``device`` (raises if it cannot run there)."""
-    check_backend_name(backend)
+    """The concrete backend for tensors on ``device`` (raises if it cannot run there);
+    ``backend``: a name checks.check_backend_name accepts."""
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cpu":
-            return "cpp" if native_extension_error() is None else "torch"
-        if device.type == "cuda":
-            if native_has_cuda_kernels():
-                return "cuda"
-            if _triton_status(device)[0]:
-                return "triton"
-        return "torch"
+        return _auto_backend(device)
     if backend == "torch":
         return backend
     if backend == "cpp":
@@ -83,8 +131,7 @@ def resolve_backend(backend: str, device) -> str:
                                           "tensor (use 'cuda', 'triton' or 'auto')")
         err = native_extension_error()
         if err is not None:
-            raise BackendUnavailableError(f"backend 'cpp' is not available: {err}; "
-                                          "reinstall with `pip install --no-build-isolation -e .`")
+            raise BackendUnavailableError(f"backend 'cpp' is not available: {err}; {BUILD_HINT}")
         return backend
     if backend == "cuda":
         if device.type != "cuda":
@@ -94,6 +141,8 @@ def resolve_backend(backend: str, device) -> str:
                 "backend 'cuda' is not available: the extension was built without its CUDA "
                 "kernels (needs a CUDA build of torch and a CUDA toolkit at build time)")
         return backend
+    if backend != "triton":
+        check_backend_name(backend)   # raises: not a backend name (the callers check first)
     ok, why = _triton_status(device)
     if not ok:
         raise BackendUnavailableError(f"backend 'triton' is not available on {device}: {why}")

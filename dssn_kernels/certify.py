@@ -3,16 +3,17 @@ workspace, run the model, fold its argmax votes into int64 counts, derive the ex
 certificate (docs/DESIGN.md, "The certificate")."""
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from . import checks
 from .backends import resolve_backend
+from .decisions import certified_steps
 from .inputs import to_levels
-from .ops import check_margin, expand_into
-from .pipeline import ModelCall, check_batch_size, run_votes, warn_if_training
-from .spec import _check_q, check_value_dtype, resolve_num_variants, split_offsets
+from .ops import expand_into
+from .pipeline import ModelCall, run_votes
+from .spec import check_value_dtype, offsets, resolve_num_variants
 
 
 @dataclass
@@ -59,44 +60,15 @@ class Certificate:
                                              device=self.counts.device)
 
 
-def certified_steps(counts: torch.Tensor, ambiguous: torch.Tensor | None = None):
-    """(prediction A, steps r): A = argmax N (lowest index on ties) and
-    r = floor(min over c != A of (N_A - (N_c + amb_c) - [c < A]) / 2), or -1 (not
-    certified) when that minimum is negative. Without ambiguous counts (amb = 0) this is
-    floor((N_A - N_B - [B < A]) / 2) for the runner-up B, never negative."""
-    rows = torch.arange(counts.shape[0], device=counts.device)
-    top = counts.argmax(dim=1)
-    rival = counts if ambiguous is None else counts + ambiguous
-    before = torch.arange(counts.shape[1], device=counts.device)[None, :] < top[:, None]
-    slack = counts[rows, top][:, None] - rival - before.long()
-    slack[rows, top] = torch.iinfo(torch.int64).max
-    steps = torch.div(slack.min(dim=1).values, 2, rounding_mode="floor")
-    return top, steps.clamp(min=-1)
-
-
-def _check_counts(counts, name="counts") -> torch.Tensor:
-    if not isinstance(counts, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B, K], got {type(counts).__name__}")
-    if counts.dim() != 2 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer [B, K] tensor, got {counts.dtype} "
-                         f"of shape {tuple(counts.shape)}")
-    if counts.shape[1] < 2:
-        raise ValueError(f"{name} need at least 2 classes, got K={counts.shape[1]}")
-    counts = counts.long()
-    if counts.numel() and bool((counts < 0).any()):
-        raise ValueError(f"{name} must be non-negative")
-    return counts
-
-
 def certificate_from_counts(counts, q, *, ambiguous=None):
     """(prediction LongTensor[B], radius float64 Tensor[B]) from vote counts [B, K].
 
     ``ambiguous`` [B, K] (optional): the per-class ambiguous counts of a margin vote
     (Certificate.ambiguous); the radius is then -1/q where not certified."""
-    counts = _check_counts(counts)
-    q = _check_q(q)
+    counts = checks.check_counts(counts)
+    q = checks.check_q(q)
     if ambiguous is not None:
-        ambiguous = _check_counts(ambiguous, "ambiguous")
+        ambiguous = checks.check_counts(ambiguous, "ambiguous")
         if ambiguous.shape != counts.shape:
             raise ValueError(f"ambiguous {tuple(ambiguous.shape)} must be shaped like counts "
                              f"{tuple(counts.shape)}")
@@ -105,14 +77,45 @@ def certificate_from_counts(counts, q, *, ambiguous=None):
     return prediction, steps.double() / q
 
 
-def prepare_images(x, q: int, L: int, seed, backend: str):
+@dataclass(frozen=True)
+class Smoothing:
+    """The checked parameters of a smoothed classifier and how it runs, shared by the
+    entry points (certify, certify_at, predict, DSSN): L variants at quantization q with
+    split seed ``seed``, the vote ``margin``, the forward ``batch_size``, the backend name
+    (resolved for the images' device when they arrive) and K (None: whatever the model
+    returns). Build it with ``Smoothing.checked``."""
+    L: int
+    q: int
+    seed: int
+    margin: float = 0.0
+    batch_size: int = checks.DEFAULT_BATCH_SIZE
+    backend: str = "auto"
+    num_classes: int | None = None
+
+    @classmethod
+    def checked(cls, *, sigma=None, lam=None, L=None, q=255, seed=0, margin=0.0,
+                batch_size=None, backend="auto", num_classes=None,
+                require_num_classes=False) -> "Smoothing":
+        """Checks every argument (checks.py; sigma, lam, L: spec.resolve_num_variants)."""
+        margin = checks.check_margin(margin)
+        q = checks.check_q(q)
+        L = resolve_num_variants(sigma, lam, q, L)
+        return cls(L=L, q=q, seed=checks.check_seed(seed), margin=margin,
+                   batch_size=checks.check_batch_size(batch_size),
+                   backend=checks.check_backend_name(backend),
+                   num_classes=checks.check_num_classes(num_classes,
+                                                        required=require_num_classes))
+
+
+def prepare_images(x, q: int, L: int, seed: int, backend: str):
     """(levels [B, d] on x's device, the concrete backend, int32 split offsets [d] on that
-    device): the checked inputs every expansion of x's variants needs."""
+    device): what every expansion of x's variants needs. Checks the images x (to_levels)
+    and whether the backend runs on their device; q, L, seed and the backend name are
+    checked already."""
     levels = to_levels(x, q)
     backend = resolve_backend(backend, levels.device)
-    offsets = split_offsets(levels.shape[1], L, seed).to(device=levels.device,
-                                                          dtype=torch.int32)
-    return levels, backend, offsets
+    split = offsets(levels.shape[1], L, seed).to(device=levels.device, dtype=torch.int32)
+    return levels, backend, split
 
 
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
@@ -138,28 +141,38 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     the model whose logits are within tau/2 of this one's (another batch size, GPU, TF32,
     autocast...). README, "What 'exact' means under floating point".
     """
-    margin = check_margin(margin)
-    call = ModelCall(dtype, channels_last, autocast, cudnn_benchmark)
-    L = resolve_num_variants(sigma, lam, q, L)
-    check_value_dtype(q, dtype)
-    batch_size = check_batch_size(batch_size)
-    levels, backend, offsets = prepare_images(x, q, L, seed, backend)
-    warn_if_training(model)
-    B = levels.shape[0]
+    smoothing = Smoothing.checked(sigma=sigma, lam=lam, L=L, q=q, seed=seed, margin=margin,
+                                  batch_size=batch_size, backend=backend,
+                                  num_classes=num_classes)
+    return run_certify(model, x, smoothing, progress=progress, dtype=dtype,
+                       channels_last=channels_last, autocast=autocast,
+                       cudnn_benchmark=cudnn_benchmark)
+
+
+def run_certify(model, x, smoothing: Smoothing, *, progress=False, dtype=torch.float32,
+                channels_last=False, autocast=None, cudnn_benchmark=None) -> Certificate:
+    """certify with checked smoothing parameters (certify, DSSN.certify); checks the
+    images, the model-call options and the model's mode, then runs."""
+    s = smoothing
+    call = ModelCall.checked(dtype, channels_last, autocast, cudnn_benchmark)
+    check_value_dtype(s.q, call.dtype)
+    levels, backend, split = prepare_images(x, s.q, s.L, s.seed, s.backend)
+    checks.check_eval_mode(model)
+    B, L, q = levels.shape[0], s.L, s.q
 
     def fill(out, b, t):
-        expand_into(out, levels[b:b + out.shape[0]], offsets, L, q, t, backend)
+        expand_into(out, levels[b:b + out.shape[0]], split, L, q, t, backend)
 
     counts, ambiguous = run_votes(
         model, fill, num_images=B, per_image=L, shape=tuple(x.shape[1:]),
-        batch_size=batch_size, backend=backend, device=levels.device,
-        num_classes=num_classes, progress=progress, call=call, margin=margin,
+        batch_size=s.batch_size, backend=backend, device=levels.device,
+        num_classes=s.num_classes, progress=progress, call=call, margin=s.margin,
         return_ambiguous=True)
     num_ambiguous = L - counts.sum(dim=1)        # every variant votes or is ambiguous
-    prediction, steps = certified_steps(counts, ambiguous if margin > 0 else None)
+    prediction, steps = certified_steps(counts, ambiguous if s.margin > 0 else None)
     return Certificate(prediction=prediction, radius=steps.double() / q, steps=steps,
                        counts=counts, num_variants=L, q=q, backend=backend,
-                       ambiguous=ambiguous, num_ambiguous=num_ambiguous, margin=margin)
+                       ambiguous=ambiguous, num_ambiguous=num_ambiguous, margin=s.margin)
 
 
 def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=None,
@@ -167,17 +180,13 @@ def variants(x, *, sigma=None, lam=None, L=None, q=255, seed=0, start=0, stop=No
     """Variants start..stop-1 of every image: [B, stop-start, *x.shape[1:]] of ``dtype``
     (float32 by default; float16/bfloat16 allowed). Every backend returns the same bits:
     the value of the dtype nearest to m/(4q)."""
+    q = checks.check_q(q)
     L = resolve_num_variants(sigma, lam, q, L)
     check_value_dtype(q, dtype)
-    stop = L if stop is None else stop
-    for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    start, stop = int(start), int(stop)
-    if not 0 <= start <= stop <= L:
-        raise ValueError(f"need 0 <= start <= stop <= L = {L}, got start={start}, stop={stop}")
-    levels, backend, offsets = prepare_images(x, q, L, seed, backend)
+    start, stop = checks.check_variant_range(start, stop, L)
+    seed, backend = checks.check_seed(seed), checks.check_backend_name(backend)
+    levels, backend, split = prepare_images(x, q, L, seed, backend)
     B, d = levels.shape
     out = torch.empty((B, stop - start, d), dtype=dtype, device=levels.device)
-    expand_into(out, levels, offsets, L, q, start, backend)
+    expand_into(out, levels, split, L, q, start, backend)
     return out.view(B, stop - start, *x.shape[1:])

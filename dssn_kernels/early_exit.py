@@ -23,17 +23,16 @@ those images' counts to the host: one device-to-host sync per round on a GPU.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import decisions
-from .certify import prepare_images
-from .ops import check_margin, expand_into, vote_into, vote_margin_into
-from .pipeline import ModelCall, check_batch_size, check_logits, warn_if_training
-from .spec import _check_q, check_value_dtype, resolve_num_variants
+from . import checks, decisions
+from .certify import Smoothing, prepare_images
+from .ops import expand_into
+from .pipeline import ModelCall, VoteRounds
+from .spec import check_value_dtype
 
 __all__ = ["Decision", "Prediction", "certify_at", "predict", "variant_order", "ORDERS"]
 
@@ -143,49 +142,28 @@ def _groups(segments):
     return out
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    return int(chunk_size)
-
-
-def _check_flag(name, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
 class _Run:
-    """The shared early-exit loop; ``_status`` and ``_need`` are the decision rule."""
+    """The shared early-exit loop; subclasses give the decision rule:
+    ``settled(counts, amb, m)`` -> BoolTensor [n], whether each image's answer can no
+    longer change whatever its m remaining variants do, and ``need(counts, amb, m)`` ->
+    LongTensor [n], how many more variants each image needs before it could settle
+    (decisions.more_needed_*). Takes checked arguments (the entry points check them)."""
 
-    def __init__(self, model, x, *, sigma, lam, L, q, seed, batch_size, backend, num_classes,
-                 margin, order, chunk_size, dtype, channels_last, autocast, cudnn_benchmark):
-        self.call = ModelCall(dtype, channels_last, autocast, cudnn_benchmark)
-        self.q = q = _check_q(q)
-        self.L = L = resolve_num_variants(sigma, lam, q, L)
-        check_value_dtype(q, dtype)
-        self.batch_size = check_batch_size(batch_size)
-        self.margin = check_margin(margin)
-        self.chunk_size = _check_chunk_size(chunk_size)
-        if num_classes is not None and (isinstance(num_classes, bool)
-                                        or not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"num_classes must be None or an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
-        self.perm = variant_order(order, L)
-        self.levels, self.backend, self.offsets = prepare_images(x, q, L, seed, backend)
+    def __init__(self, model, x, smoothing: Smoothing, call: ModelCall, *, perm: np.ndarray,
+                 chunk_size: int | None):
+        self.s, self.call = smoothing, call
+        self.q, self.L, self.margin = smoothing.q, smoothing.L, smoothing.margin
+        self.chunk_size, self.perm = chunk_size, perm
+        self.levels, self.backend, self.offsets = prepare_images(
+            x, smoothing.q, smoothing.L, smoothing.seed, smoothing.backend)
         self.shape = tuple(x.shape[1:])
         self.device = self.levels.device
         self.model = model
 
-    # subclasses: status(counts, amb, m) -> (done, certified, prediction_known) and
-    # need(counts, amb, m) -> LongTensor of further variants before a decision can settle
-
     def run(self):
         B, d = self.levels.shape
         L, device = self.L, self.device
-        warn_if_training(self.model)
+        checks.check_eval_mode(self.model)
         evaluated = np.zeros(B, dtype=np.int64)
         looks = np.zeros(B, dtype=np.int64)
         done = np.zeros(B, dtype=bool)
@@ -194,78 +172,64 @@ class _Run:
         zeros = torch.zeros((B, 2), dtype=torch.int64)
         self._look(np.arange(B), zeros, zeros if self.margin > 0 else None,
                    evaluated, looks, done, plan)
-        counts = ambiguous = None
-        K = self.num_classes
-        rows_max = min(self.batch_size, B * L)
-        with self.call.session():
-            workspace = torch.empty((rows_max, d), dtype=self.call.dtype, device=device)
-            nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
+        rounds = VoteRounds(self.model, shape=self.shape, rows_max=min(self.s.batch_size, B * L),
+                            num_images=B, backend=self.backend, device=device,
+                            num_classes=self.s.num_classes, call=self.call, margin=self.margin)
+        with rounds:
             while plan.any():
                 # pack this round: planned variants of active images, in image order
                 segments, rows = [], 0
                 for b in np.flatnonzero(plan):
-                    take = int(min(plan[b], rows_max - rows))
+                    take = int(min(plan[b], rounds.rows_max - rows))
                     segments.append((int(b), int(evaluated[b]), take))
                     rows += take
-                    if rows == rows_max:
+                    if rows == rounds.rows_max:
                         break
-                image_of_row = np.empty(rows, dtype=np.int64)
-                row = 0
-                for b, n_img, pos, take in _groups(segments):
-                    # n_img consecutive images, each at the same position of the order
-                    block = workspace[row:row + n_img * take].view(n_img, take, d)
-                    col = 0
-                    for start, n in _runs(self.perm, pos, take):
-                        out = block[:, col:col + n]
-                        if n_img > 1 and n < take:   # expand needs a contiguous [n, count, d]
-                            tmp = torch.empty((n_img, n, d), dtype=block.dtype, device=device)
-                            expand_into(tmp, self.levels[b:b + n_img], self.offsets, L,
-                                        self.q, start, self.backend)
-                            out.copy_(tmp)
-                        else:
-                            expand_into(out, self.levels[b:b + n_img], self.offsets, L,
-                                        self.q, start, self.backend)
-                        col += n
-                    image_of_row[row:row + n_img * take] = np.repeat(
-                        np.arange(b, b + n_img), take)
-                    row += n_img * take
-                logits = self.call(self.model, workspace[:rows].view(rows, *self.shape))
-                check_logits(logits, rows, K)
-                if counts is None:
-                    K = logits.shape[1]
-                    counts = torch.zeros((B, K), dtype=torch.int64, device=device)
-                    if self.margin > 0:
-                        ambiguous = torch.zeros((B, K), dtype=torch.int64, device=device)
-                # one vote row per input, then added into its image's counts
-                votes = torch.zeros((rows, K), dtype=torch.int64, device=device)
-                index = torch.from_numpy(image_of_row).to(device)
-                if self.margin > 0:
-                    amb = torch.zeros((rows, K), dtype=torch.int64, device=device)
-                    vote_margin_into(votes, amb, nan_rows, logits, 0, 1, self.margin,
-                                     self.backend)
-                    ambiguous.index_add_(0, index, amb)
-                else:
-                    vote_into(votes, nan_rows, logits, 0, 1, self.backend)
-                counts.index_add_(0, index, votes)
-                if nan_rows.item():  # the one host sync of the round (with the look)
-                    bad = sorted({b for b, _, _ in segments})
-                    raise ValueError(f"model returned NaN logits for {nan_rows.item()} "
-                                     f"input(s) of image(s) {bad[0]}..{bad[-1]}")
+                groups = _groups(segments)
+                # n_img consecutive images, each at the same position of the order
+                image_of_row = np.concatenate([np.repeat(np.arange(b, b + n_img), take)
+                                               for b, n_img, _, take in groups])
+
+                def fill(block, groups=groups):
+                    row = 0
+                    for b, n_img, pos, take in groups:
+                        self._fill(block[row:row + n_img * take].view(n_img, take, d),
+                                   b, n_img, pos, take)
+                        row += n_img * take
+
+                rounds.round(rows, fill, image_of_row=torch.from_numpy(image_of_row).to(device))
+                # the one host sync of the round (with the look)
+                rounds.raise_if_nan((segments[0][0], segments[-1][0]))
                 for b, _, take in segments:
                     evaluated[b] += take
                     plan[b] -= take
                 ready = np.array([b for b, _, _ in segments if plan[b] == 0], dtype=np.int64)
                 if len(ready):
                     idx = torch.from_numpy(ready).to(device)
-                    c = counts.index_select(0, idx).cpu()
-                    a = ambiguous.index_select(0, idx).cpu() if ambiguous is not None else None
+                    c = rounds.counts.index_select(0, idx).cpu()
+                    a = (rounds.ambiguous.index_select(0, idx).cpu()
+                         if rounds.ambiguous is not None else None)
                     self._look(ready, c, a, evaluated, looks, done, plan)
-        if counts is None:  # every image was decided before any variant ran
-            K = K or 0      # the model never ran: K unknown unless num_classes was given
-            counts = torch.zeros((B, K), dtype=torch.int64, device=device)
-            if self.margin > 0:
-                ambiguous = torch.zeros((B, K), dtype=torch.int64, device=device)
+        # the model never ran when every image was decided before any variant: K is then
+        # unknown unless num_classes was given (counts [B, 0])
+        counts, ambiguous = rounds.result()
         return counts, ambiguous, evaluated
+
+    def _fill(self, block, b: int, n_img: int, pos: int, take: int) -> None:
+        """Writes variants perm[pos:pos+take] of images b..b+n_img-1 into block
+        [n_img, take, d]."""
+        d, col = block.shape[2], 0
+        for start, n in _runs(self.perm, pos, take):
+            out = block[:, col:col + n]
+            if n_img > 1 and n < take:   # expand needs a contiguous [n, count, d]
+                tmp = torch.empty((n_img, n, d), dtype=block.dtype, device=block.device)
+                expand_into(tmp, self.levels[b:b + n_img], self.offsets, self.L, self.q, start,
+                            self.backend)
+                out.copy_(tmp)
+            else:
+                expand_into(out, self.levels[b:b + n_img], self.offsets, self.L, self.q, start,
+                            self.backend)
+            col += n
 
     def _look(self, idx, counts, amb, evaluated, looks, done, plan):
         """Checks images idx (their counts on the host): marks the settled ones done and
@@ -293,12 +257,15 @@ class _CertifyRun(_Run):
         self.settle_prediction = settle_prediction
 
     def settled(self, counts, amb, m):
-        yes, no = self._yes_no(counts, amb, m)
+        yes, no = self.answers(counts, amb, m)
         if self.settle_prediction:
             no = no & decisions.prediction_settled(counts, m)
         return yes | no
 
-    def _yes_no(self, counts, amb, m):
+    def answers(self, counts, amb, m):
+        """(yes, no), BoolTensors [n]: every outcome of the m remaining variants certifies
+        the current leader at the radius (decisions.certified_settled), or none certifies
+        any class (decisions.uncertifiable). Where neither holds the answer is open."""
         yes = decisions.certified_settled(counts, m, self.steps, amb)
         no = decisions.uncertifiable(counts, m, self.steps, amb)
         return yes, no
@@ -344,14 +311,34 @@ def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0,
     its prediction is -1 unless it was already settled (fewer variants for "is it robust?"
     questions).
     """
-    q = _check_q(q)
+    smoothing = Smoothing.checked(sigma=sigma, lam=lam, L=L, q=q, seed=seed, margin=margin,
+                                  batch_size=batch_size, backend=backend,
+                                  num_classes=num_classes)
+    return run_certify_at(model, x, radius, smoothing, order=order, chunk_size=chunk_size,
+                          settle_prediction=settle_prediction, dtype=dtype,
+                          channels_last=channels_last, autocast=autocast,
+                          cudnn_benchmark=cudnn_benchmark)
+
+
+def _run_options(smoothing: Smoothing, order, chunk_size, dtype, channels_last, autocast,
+                 cudnn_benchmark):
+    """The checked per-call options of certify_at and predict: (call, perm, chunk_size)."""
+    call = ModelCall.checked(dtype, channels_last, autocast, cudnn_benchmark)
+    check_value_dtype(smoothing.q, call.dtype)
+    chunk_size = checks.check_chunk_size(chunk_size)
+    return call, variant_order(order, smoothing.L), chunk_size
+
+
+def run_certify_at(model, x, radius, smoothing: Smoothing, *, order="sequential",
+                   chunk_size=None, settle_prediction=True, dtype=torch.float32,
+                   channels_last=False, autocast=None, cudnn_benchmark=None) -> Decision:
+    """certify_at with checked smoothing parameters (certify_at, DSSN.certify_at)."""
+    q = smoothing.q
     steps = decisions.required_steps(radius, q)
-    settle_prediction = _check_flag("settle_prediction", settle_prediction)
-    run = _CertifyRun(model, x, sigma=sigma, lam=lam, L=L, q=q, seed=seed,
-                      batch_size=batch_size, backend=backend, num_classes=num_classes,
-                      margin=margin, order=order, chunk_size=chunk_size, dtype=dtype,
-                      channels_last=channels_last, autocast=autocast,
-                      cudnn_benchmark=cudnn_benchmark, steps=steps,
+    settle_prediction = checks.check_flag("settle_prediction", settle_prediction)
+    call, perm, chunk_size = _run_options(smoothing, order, chunk_size, dtype, channels_last,
+                                          autocast, cudnn_benchmark)
+    run = _CertifyRun(model, x, smoothing, call, perm=perm, chunk_size=chunk_size, steps=steps,
                       settle_prediction=settle_prediction)
     counts, ambiguous, evaluated = run.run()
     if counts.shape[1]:
@@ -361,7 +348,7 @@ def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0,
         c = torch.zeros((counts.shape[0], 2), dtype=torch.int64)
         a = torch.zeros_like(c) if ambiguous is not None else None
     m = torch.from_numpy(run.L - evaluated)
-    yes, no = run._yes_no(c, a, m)
+    yes, no = run.answers(c, a, m)
     known = yes | decisions.prediction_settled(c, m)
     prediction = torch.where(known, decisions.leader(c), torch.full_like(m, -1))
     assert bool((yes | no).all()) and (not settle_prediction or bool(known.all()))
@@ -381,11 +368,21 @@ def predict(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, margin=0.0
     :class:`Prediction` (``.prediction`` LongTensor[B] equals ``certify(...).prediction``,
     ``.evaluated`` the variants run per image).
     """
-    run = _PredictRun(model, x, sigma=sigma, lam=lam, L=L, q=q, seed=seed,
-                      batch_size=batch_size, backend=backend, num_classes=num_classes,
-                      margin=margin, order=order, chunk_size=chunk_size, dtype=dtype,
-                      channels_last=channels_last, autocast=autocast,
-                      cudnn_benchmark=cudnn_benchmark)
+    smoothing = Smoothing.checked(sigma=sigma, lam=lam, L=L, q=q, seed=seed, margin=margin,
+                                  batch_size=batch_size, backend=backend,
+                                  num_classes=num_classes)
+    return run_predict(model, x, smoothing, order=order, chunk_size=chunk_size, dtype=dtype,
+                       channels_last=channels_last, autocast=autocast,
+                       cudnn_benchmark=cudnn_benchmark)
+
+
+def run_predict(model, x, smoothing: Smoothing, *, order="sequential", chunk_size=None,
+                dtype=torch.float32, channels_last=False, autocast=None,
+                cudnn_benchmark=None) -> Prediction:
+    """predict with checked smoothing parameters (predict, DSSN.predict)."""
+    call, perm, chunk_size = _run_options(smoothing, order, chunk_size, dtype, channels_last,
+                                          autocast, cudnn_benchmark)
+    run = _PredictRun(model, x, smoothing, call, perm=perm, chunk_size=chunk_size)
     counts, ambiguous, evaluated = run.run()
     c = counts.cpu()
     assert bool(decisions.prediction_settled(c, torch.from_numpy(run.L - evaluated)).all())

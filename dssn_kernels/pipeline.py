@@ -1,27 +1,20 @@
-"""The chunked vote pipeline shared by DSSN certification and the Monte Carlo baselines:
-fill one reused workspace of ``batch_size`` model inputs, run the model, fold the argmax
-votes into int64 counts, repeat. Memory is bounded by the workspace, whatever the number
-of inputs per image; images share a forward batch when they have few inputs each."""
+"""The chunked vote pipeline shared by DSSN certification, early exit and the Monte
+Carlo baselines: fill one reused workspace of ``batch_size`` model inputs, run the model,
+fold the argmax votes into int64 counts, repeat. Memory is bounded by the workspace,
+whatever the number of inputs per image; images share a forward batch when they have
+few inputs each. ``VoteRounds`` is the body of every such loop (one round: fill,
+forward, check the logits, vote, count NaN rows); ``run_votes`` is the loop over every
+input of every image (certify, the baselines), early exit has its own plan of rounds."""
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_autocast, check_model_dtype
 from .ops import vote_into, vote_margin_into
-
-DEFAULT_BATCH_SIZE = 256
-
-
-def check_batch_size(batch_size) -> int:
-    if batch_size is None:
-        return DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def check_logits(logits, rows: int, num_classes) -> None:
@@ -37,16 +30,6 @@ def check_logits(logits, rows: int, num_classes) -> None:
     if num_classes is not None and logits.shape[1] != num_classes:
         raise ValueError(f"model returned K={logits.shape[1]} logits per input, "
                          f"expected {num_classes}")
-
-
-_BATCH_DEPENDENT = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
-
-
-def warn_if_training(model) -> None:
-    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
-    if any(isinstance(m, _BATCH_DEPENDENT) and m.training for m in modules):
-        warnings.warn("the model is in training mode (dropout/batch-norm make votes depend on "
-                      "the batch); call model.eval() first", stacklevel=3)
 
 
 def windows(pos: int, end: int, per_image: int):
@@ -72,12 +55,16 @@ class ModelCall:
 
     def __init__(self, dtype=torch.float32, channels_last=False, autocast=None,
                  cudnn_benchmark=None):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
-        if autocast not in (None, torch.float16, torch.bfloat16):
-            raise ValueError(f"autocast must be None, torch.float16 or torch.bfloat16, got {autocast!r}")
+        """Takes checked options: the entry points build it with ``checked``."""
         self.dtype, self.channels_last = dtype, bool(channels_last)
         self.autocast, self.cudnn_benchmark = autocast, cudnn_benchmark
+
+    @classmethod
+    def checked(cls, dtype=torch.float32, channels_last=False, autocast=None,
+                cudnn_benchmark=None) -> "ModelCall":
+        """The options as the user passed them, checked (checks.py)."""
+        return cls(check_model_dtype(dtype), channels_last, check_autocast(autocast),
+                   cudnn_benchmark)
 
     @contextlib.contextmanager
     def session(self):
@@ -101,6 +88,94 @@ class ModelCall:
             return model(inputs)
 
 
+class VoteRounds:
+    """The body of every vote loop, one forward batch ("round") at a time: one workspace
+    of ``rows_max`` model inputs, allocated once and reused; per round, fill its first
+    rows, run the model on them, check the logits, vote into int64 counts
+    [num_images, K] (allocated at the first round, when K is known) and count the rows
+    with a NaN logit. Used as a context manager: the model runs inside
+    ``call.session()``.
+
+    ``margin`` tau > 0 (already checked, see checks.check_margin) votes with a margin
+    (ops/vote.py, vote_margin_into) into ``counts`` and ``ambiguous``; ``ambiguous`` is
+    kept (all zero when tau = 0) with ``keep_ambiguous`` or a margin, else None.
+    """
+
+    def __init__(self, model, *, shape, rows_max: int, num_images: int, backend: str,
+                 device, num_classes=None, call: ModelCall | None = None,
+                 margin: float = 0.0, keep_ambiguous: bool = False):
+        self.model, self.call = model, call or ModelCall()
+        self.shape, self.d = tuple(shape), math.prod(shape)
+        self.rows_max, self.num_images = rows_max, num_images
+        self.backend, self.device = backend, device
+        self.num_classes, self.margin = num_classes, margin
+        self.keep_ambiguous = keep_ambiguous or margin > 0
+        self.counts = self.ambiguous = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "VoteRounds":
+        self._stack.enter_context(self.call.session())
+        self.workspace = torch.empty((self.rows_max, self.d), dtype=self.call.dtype,
+                                     device=self.device)
+        self.nan_rows = torch.zeros(1, dtype=torch.int64, device=self.device)
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+    def round(self, rows: int, fill, *, first: int = 0, row0: int = 0, per_image: int = 1,
+              image_of_row: torch.Tensor | None = None) -> None:
+        """One round of ``rows`` inputs. ``fill(block)`` writes them into ``block``, the
+        first ``rows`` rows of the workspace ([rows, d] of the call's dtype). Row r votes
+        for image first + (row0 + r) // per_image, or, when ``image_of_row`` (LongTensor
+        [rows] on the device) is given, for image image_of_row[r]. Counts stay on the
+        device: no host sync."""
+        block = self.workspace[:rows]
+        fill(block)
+        logits = self.call(self.model, block.view(rows, *self.shape))
+        check_logits(logits, rows, self.num_classes)
+        if self.counts is None:
+            self._allocate(logits.shape[1])
+        if image_of_row is None:
+            amb = None if self.ambiguous is None else self.ambiguous[first:]
+            self._vote(self.counts[first:], amb, logits, row0, per_image)
+            return
+        # one vote row per input, then added into its image's counts
+        K = logits.shape[1]
+        votes = torch.zeros((rows, K), dtype=torch.int64, device=self.device)
+        amb = torch.zeros_like(votes) if self.margin > 0 else None
+        self._vote(votes, amb, logits, 0, 1)
+        if amb is not None:
+            self.ambiguous.index_add_(0, image_of_row, amb)
+        self.counts.index_add_(0, image_of_row, votes)
+
+    def _vote(self, counts, ambiguous, logits, row0: int, per_image: int) -> None:
+        if self.margin > 0:
+            vote_margin_into(counts, ambiguous, self.nan_rows, logits, row0, per_image,
+                             self.margin, self.backend)
+        else:
+            vote_into(counts, self.nan_rows, logits, row0, per_image, self.backend)
+
+    def _allocate(self, K: int) -> None:
+        self.counts = torch.zeros((self.num_images, K), dtype=torch.int64, device=self.device)
+        self.ambiguous = torch.zeros_like(self.counts) if self.keep_ambiguous else None
+
+    def raise_if_nan(self, images: tuple[int, int] | None = None) -> None:
+        """ValueError if a row so far held a NaN logit (reading the counter is a host sync
+        on a GPU); ``images`` (first, last) names the images of the round."""
+        n = self.nan_rows.item()
+        if n:
+            where = f" of image(s) {images[0]}..{images[1]}" if images is not None else ""
+            raise ValueError(f"model returned NaN logits for {n} input(s){where}")
+
+    def result(self):
+        """(counts, ambiguous): int64 [num_images, K], ambiguous None unless kept. If the
+        model never ran, zeros with K = num_classes (0 when that is None too)."""
+        if self.counts is None:
+            self._allocate(self.num_classes or 0)
+        return self.counts, self.ambiguous
+
+
 def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size: int,
               backend: str, device, num_classes=None, progress=False, desc="certify",
               call: ModelCall | None = None, margin: float = 0.0,
@@ -111,48 +186,37 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
     into ``out`` ([n, count, d] of the call's dtype, a view of the workspace). Counts stay
     on the device until the end: on a GPU there is no host sync per chunk.
 
-    ``margin`` tau > 0 (already checked, see ops.check_margin) votes with a margin
-    (ops/vote.py, vote_margin_into): an input whose top logit beats the runner-up by less
-    than tau votes for no class and is recorded in ``ambiguous`` [B, K] for every class it
-    could go to. With ``return_ambiguous`` the result is ``(counts, ambiguous)``
-    (ambiguous all zero when tau = 0, which runs the plain vote kernels).
+    ``margin`` tau > 0 (already checked, see checks.check_margin) votes with a margin
+    (VoteRounds): an input whose top logit beats the runner-up by less than tau votes for
+    no class and is recorded in ``ambiguous`` [B, K] for every class it could go to. With
+    ``return_ambiguous`` the result is ``(counts, ambiguous)`` (ambiguous all zero when
+    tau = 0, which runs the plain vote kernels).
     """
-    call = call or ModelCall()
-    d = math.prod(shape)
-    total = num_images * per_image
-    rows_max = min(batch_size, total)
-    on_cpu = torch.device(device).type == "cpu"
-    counts = ambiguous = None
     if margin > 0 and not return_ambiguous:
         raise ValueError("run_votes: a margin needs return_ambiguous=True (ambiguous inputs "
                          "vote for no class)")
-    with call.session():
-        workspace = torch.empty((rows_max, d), dtype=call.dtype, device=device)
-        nan_rows = torch.zeros(1, dtype=torch.int64, device=device)
+    total = num_images * per_image
+    rows_max = min(batch_size, total)
+    on_cpu = torch.device(device).type == "cpu"
+    rounds = VoteRounds(model, shape=shape, rows_max=rows_max, num_images=num_images,
+                        backend=backend, device=device, num_classes=num_classes, call=call,
+                        margin=margin, keep_ambiguous=return_ambiguous)
+    with rounds:
         for pos in tqdm(range(0, total, rows_max), desc=desc, unit="batch",
                         disable=not progress):
             end = min(pos + rows_max, total)
-            row = 0
-            for b, n, t, count in windows(pos, end, per_image):
-                fill(workspace[row:row + n * count].view(n, count, d), b, t)
-                row += n * count
-            logits = call(model, workspace[:end - pos].view(end - pos, *shape))
-            check_logits(logits, end - pos, num_classes)
-            if counts is None:
-                num_classes = logits.shape[1]
-                counts = torch.zeros((num_images, num_classes), dtype=torch.int64,
-                                     device=device)
-                ambiguous = torch.zeros_like(counts) if return_ambiguous else None
+
+            def fill_round(block, pos=pos, end=end):
+                row = 0
+                for b, n, t, count in windows(pos, end, per_image):
+                    fill(block[row:row + n * count].view(n, count, rounds.d), b, t)
+                    row += n * count
+
             first = pos // per_image
-            row0 = pos - first * per_image
-            if margin > 0:
-                vote_margin_into(counts[first:], ambiguous[first:], nan_rows, logits, row0,
-                                 per_image, margin, backend)
-            else:
-                vote_into(counts[first:], nan_rows, logits, row0, per_image, backend)
-            if on_cpu and nan_rows.item():
-                raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s) "
-                                 f"of image(s) {first}..{(end - 1) // per_image}")
-    if nan_rows.item():  # devices: one sync at the end, not one per chunk
-        raise ValueError(f"model returned NaN logits for {nan_rows.item()} input(s)")
+            rounds.round(end - pos, fill_round, first=first, row0=pos - first * per_image,
+                         per_image=per_image)
+            if on_cpu:
+                rounds.raise_if_nan((first, (end - 1) // per_image))
+    rounds.raise_if_nan()  # devices: one sync at the end, not one per chunk
+    counts, ambiguous = rounds.result()
     return (counts, ambiguous) if return_ambiguous else counts

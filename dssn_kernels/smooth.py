@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import check_backend_name
-from .certify import Certificate, certify
-from .early_exit import Decision, certify_at, predict
-from .ops import check_margin
-from .pipeline import check_batch_size
-from .spec import check_seed, resolve_num_variants
+from .certify import Certificate, Smoothing, run_certify
+from .early_exit import Decision, run_certify_at, run_predict
 
 
 class DSSN:
@@ -28,39 +24,34 @@ class DSSN:
     def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma=None,
                  q: int = 255, seed: int = 0, *, lam=None, L=None, batch_size=None,
                  backend: str = "auto", margin=0.0):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        check_backend_name(backend)
-        check_seed(seed)
-        check_batch_size(batch_size)
+        # checked once, here: the methods run with these values
+        self.smoothing = Smoothing.checked(
+            sigma=sigma, lam=lam, L=L, q=q, seed=seed, margin=margin, batch_size=batch_size,
+            backend=backend, num_classes=num_classes, require_num_classes=True)
         self.base_classifier = base_classifier
-        self.num_classes = num_classes
-        self.q = q
-        self.seed = seed
-        self.num_variants = resolve_num_variants(sigma, lam, q, L)
-        self.batch_size = batch_size
-        self.backend = backend
-        self.margin = check_margin(margin)
+
+    # the checked parameters, read-only (a new spec is a new DSSN)
+    num_classes = property(lambda self: self.smoothing.num_classes)
+    q = property(lambda self: self.smoothing.q)
+    seed = property(lambda self: self.smoothing.seed)
+    num_variants = property(lambda self: self.smoothing.L, doc="L")
+    batch_size = property(lambda self: self.smoothing.batch_size)
+    backend = property(lambda self: self.smoothing.backend)
+    margin = property(lambda self: self.smoothing.margin)
 
     def certify(self, x: torch.Tensor, progress: bool = False) -> Certificate:
         """Prediction and certified L1 radius of every image in the batch x [B, ...]."""
-        return certify(self.base_classifier, x, L=self.num_variants, q=self.q, seed=self.seed,
-                       margin=self.margin, batch_size=self.batch_size, backend=self.backend,
-                       num_classes=self.num_classes, progress=progress)
+        return run_certify(self.base_classifier, x, self.smoothing, progress=progress)
 
     def certify_at(self, x: torch.Tensor, radius, **kwargs) -> Decision:
         """Whether every image in the batch x [B, ...] is certified at the L1 ``radius``
         (and its exact prediction), stopping each image early once that is settled: see
         :func:`dssn_kernels.certify_at` (``kwargs``: order, chunk_size,
         settle_prediction)."""
-        return certify_at(self.base_classifier, x, radius, L=self.num_variants, q=self.q,
-                          seed=self.seed, margin=self.margin, batch_size=self.batch_size,
-                          backend=self.backend, num_classes=self.num_classes, **kwargs)
+        return run_certify_at(self.base_classifier, x, radius, self.smoothing, **kwargs)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The smoothed classifier's class for every image in the batch x [B, ...]
         (LongTensor[B]), stopping each image once its leading class cannot be overtaken
         (:func:`dssn_kernels.predict`; same answer as ``certify(x).prediction``)."""
-        return predict(self.base_classifier, x, L=self.num_variants, q=self.q, seed=self.seed,
-                       margin=self.margin, batch_size=self.batch_size, backend=self.backend,
-                       num_classes=self.num_classes).prediction
+        return run_predict(self.base_classifier, x, self.smoothing).prediction

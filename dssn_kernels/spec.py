@@ -6,16 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import check_q, check_seed
+
 # q + L must stay below this for the kernels' division-free floor (csrc/dssn_noise.h).
 MAX_LEVELS_PLUS_VARIANTS = 1 << 21
-
-
-def _check_q(q) -> int:
-    if isinstance(q, bool) or not isinstance(q, (int, np.integer)):
-        raise TypeError(f"q must be an int (number of quantization steps), got {type(q).__name__}")
-    if q < 1:
-        raise ValueError(f"q must be >= 1 (pixels are k/q, k = 0..q), got q={q}")
-    return int(q)
 
 
 def _check_levels_plus_variants(q: int, L: int) -> None:
@@ -23,13 +17,32 @@ def _check_levels_plus_variants(q: int, L: int) -> None:
         raise ValueError(f"q + L = {q + L} exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
 
 
+def lam_from_sigma(sigma):
+    """lambda for the noise standard deviation sigma: ``sigma / 3**-0.5``, the released
+    code's expression, evaluated in float64 exactly so (it rounds differently from
+    ``sigma * 3**0.5`` for some sigma, and L = int(2*lambda*q) can then differ by one).
+    The standard deviation of U(-lambda, lambda) is lambda/sqrt(3)."""
+    return sigma / 3 ** -0.5
+
+
+def sigma_from_lam(lam):
+    """The noise standard deviation for the splitting half-period lambda:
+    ``lam * 3**-0.5`` (the value the workflow reports for a spec given as lambda)."""
+    return lam * 3 ** -0.5
+
+
 def num_variants(sigma=None, *, lam=None, q=255) -> int:
-    """L = int(2 * lam * q) with lam = sigma / 3**-0.5 (the released code's mapping).
+    """L = int(2 * lam * q) with lam = lam_from_sigma(sigma) = sigma / 3**-0.5 (the
+    released code's mapping).
 
     Give exactly one of ``sigma`` (the noise standard deviation) and ``lam`` (the
     splitting half-period lambda). Raises ValueError if L < 1.
     """
-    q = _check_q(q)
+    return _num_variants(sigma, lam, check_q(q))
+
+
+def _num_variants(sigma, lam, q: int) -> int:
+    """num_variants for a checked q."""
     if (sigma is None) == (lam is None):
         raise ValueError("give exactly one of sigma and lam "
                          f"(got sigma={sigma!r}, lam={lam!r})")
@@ -39,25 +52,26 @@ def num_variants(sigma=None, *, lam=None, q=255) -> int:
     value = float(value)
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
-    lam_ = value / 3 ** -0.5 if sigma is not None else value
+    lam_ = lam_from_sigma(value) if sigma is not None else value
     L = int(2 * lam_ * q)
     if L < 1:
         raise ValueError(
             f"{name}={value} gives L = int(2*lambda*q) = {L} variants at q={q}: "
-            f"need lambda >= 1/(2q) = {1 / (2 * q):.6g} (sigma >= {3 ** -0.5 / (2 * q):.6g})")
+            f"need lambda >= 1/(2q) = {1 / (2 * q):.6g} "
+            f"(sigma >= {sigma_from_lam(1 / (2 * q)):.6g})")
     _check_levels_plus_variants(q, L)
     return L
 
 
 def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int:
-    """L from sigma, lam, or an explicit L (exactly one of the three)."""
+    """L from sigma, lam, or an explicit L (exactly one of the three); ``q`` already
+    checked (checks.check_q): the entry points check it first."""
     given = [v is not None for v in (sigma, lam, num_variants_)]
     if sum(given) != 1:
         raise ValueError("give exactly one of sigma, lam and L "
                          f"(got sigma={sigma!r}, lam={lam!r}, L={num_variants_!r})")
     if num_variants_ is None:
-        return num_variants(sigma, lam=lam, q=q)
-    q = _check_q(q)
+        return _num_variants(sigma, lam, q)
     L = num_variants_
     if isinstance(L, bool) or not isinstance(L, (int, np.integer)):
         raise TypeError(f"L must be an int, got {type(L).__name__}")
@@ -67,30 +81,31 @@ def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int
     return int(L)
 
 
-def check_seed(seed) -> int:
-    """The split seed as an int in 0..2**32-1 (TypeError/ValueError otherwise).
-
-    seed=None would make numpy seed from the OS: offsets (and certificates) that change
-    from call to call. The seed is part of the smoothed classifier, so it is required."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int in 0..2**32-1, got {type(seed).__name__}")
-    if not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must be an int in 0..2**32-1, got {seed}")
-    return int(seed)
-
-
 def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
     """Per-pixel offsets v = numpy.random.RandomState(seed).randint(L, size=dim), int64."""
+    return offsets(_check_dim(dim), _check_num_variants(num_variants), check_seed(seed))
+
+
+def offsets(dim: int, L: int, seed: int) -> torch.Tensor:
+    """split_offsets for checked arguments (the entry points checked the seed)."""
+    rs = np.random.RandomState(seed)
+    return torch.from_numpy(rs.randint(L, size=dim).astype(np.int64))
+
+
+def _check_dim(dim) -> int:
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise TypeError(f"dim must be a positive int, got {type(dim).__name__}")
     if dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
+    return int(dim)
+
+
+def _check_num_variants(num_variants) -> int:
     if isinstance(num_variants, bool) or not isinstance(num_variants, (int, np.integer)):
         raise TypeError(f"num_variants must be a positive int, got {type(num_variants).__name__}")
     if num_variants < 1:
         raise ValueError(f"num_variants must be a positive int, got {num_variants!r}")
-    rs = np.random.RandomState(check_seed(seed))
-    return torch.from_numpy(rs.randint(int(num_variants), size=int(dim)).astype(np.int64))
+    return int(num_variants)
 
 
 # Largest q for which rounding m/(4q) to float32 and then to the dtype (what every kernel

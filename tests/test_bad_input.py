@@ -413,3 +413,196 @@ def test_float16_off_grid_is_rejected_where_float16_can_tell(level):
     x = torch.tensor([[level / 255]], dtype=torch.float64).to(torch.float16)
     with pytest.raises(ValueError, match=r"off the k/q grid.*float16 cannot hold"):
         to_levels(x, 255)
+
+
+# --- num_classes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_classes", [1, 0, -2, 3.0, True, "3"])
+def test_bad_num_classes(num_classes):
+    """Refused before the model runs (by certify too, which once compared it with the
+    model's K only after a forward), and by DSSN at construction."""
+    check_raises(run_certify, ValueError, r"num_classes must be None or an int >= 2",
+                 num_classes=num_classes)
+    for entry in (dk.predict, lambda m, x, **kw: dk.certify_at(m, x, 0.0, **kw)):
+        model = Recorder()
+        with pytest.raises(ValueError, match=r"num_classes must be None or an int >= 2"):
+            entry(model, good_x(), L=5, num_classes=num_classes)
+        assert model.calls == []
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 2"):
+        dk.DSSN(Recorder(), num_classes, L=5)
+
+
+def test_dssn_needs_num_classes():
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 2, got None"):
+        dk.DSSN(Recorder(), None, L=5)
+
+
+# --- each argument checked once -------------------------------------------------------
+
+def check_calls(run):
+    """{check name: calls} of the functions of dssn_kernels.checks during run()."""
+    import sys
+    from collections import Counter
+
+    from dssn_kernels import checks
+    calls = Counter()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == checks.__file__:
+            calls[frame.f_code.co_name] += 1
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+SPEC_CHECKS = {"check_q", "check_seed", "check_margin", "check_batch_size",
+               "check_backend_name", "check_num_classes"}
+
+
+@pytest.mark.parametrize("entry", ["certify", "certify_at", "predict", "variants",
+                                   "training_noise"])
+def test_each_argument_is_checked_once(entry):
+    x = good_x()
+    run = {"certify": lambda: dk.certify(Recorder(), x, L=5),
+           "certify_at": lambda: dk.certify_at(Recorder(), x, 0.0, L=5),
+           "predict": lambda: dk.predict(Recorder(), x, L=5),
+           "variants": lambda: dk.variants(x, L=5),
+           "training_noise": lambda: dk.training_noise(x, L=5)}[entry]
+    calls = check_calls(run)
+    assert calls and max(calls.values()) == 1, calls
+
+
+def test_dssn_checks_its_spec_once_at_construction():
+    calls = check_calls(lambda: dk.DSSN(Recorder(), K, L=5, batch_size=4))
+    assert SPEC_CHECKS <= set(calls) and max(calls.values()) == 1, calls
+    smooth = dk.DSSN(Recorder(), K, L=5, batch_size=4)
+    assert smooth.batch_size == 4 and dk.DSSN(Recorder(), K, L=5).batch_size == 256
+    for run in (lambda: smooth.certify(good_x()), lambda: smooth.predict(good_x()),
+                lambda: smooth.certify_at(good_x(), 0.0, chunk_size=2)):
+        calls = check_calls(run)
+        assert not SPEC_CHECKS & set(calls) and max(calls.values()) == 1, calls
+    with pytest.raises(AttributeError):
+        smooth.margin = 1.0                 # the checked spec is read-only
+
+
+# --- a model in training mode ---------------------------------------------------------
+
+class TwoStage(torch.nn.Module):
+    """A small net with batch norm and dropout (in training mode unless eval() is called)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 8),
+                                            torch.nn.BatchNorm1d(8))
+        self.head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(8, K))
+        with torch.no_grad():
+            self.features[2].running_mean.normal_()
+            self.features[2].running_var.uniform_(0.5, 2.0)
+        self.forwards = 0
+
+    def forward(self, z):
+        self.forwards += 1
+        return self.head(self.features(z))
+
+
+TRAIN_MODE_ENTRIES = {
+    "certify": lambda m, x: dk.certify(m, x, L=5),
+    "certify_at": lambda m, x: dk.certify_at(m, x, 0.0, L=5),
+    "predict": lambda m, x: dk.predict(m, x, L=5),
+    "dssn_certify": lambda m, x: dk.DSSN(m, K, L=5).certify(x),
+    "dssn_certify_at": lambda m, x: dk.DSSN(m, K, L=5).certify_at(x, 0.0),
+    "dssn_predict": lambda m, x: dk.DSSN(m, K, L=5).predict(x),
+}
+
+
+def state_bits(model):
+    """Every buffer and parameter, as bytes, and each module's training flag."""
+    tensors = {k: v.detach().reshape(-1).clone().view(torch.uint8).numpy().tobytes()
+               for k, v in model.state_dict().items()}
+    return tensors, [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("entry", list(TRAIN_MODE_ENTRIES))
+def test_model_in_training_mode_is_refused_before_any_forward(entry):
+    run = TRAIN_MODE_ENTRIES[entry]
+    model = TwoStage()
+    before = state_bits(model)
+    with pytest.raises(ValueError, match=r"training mode: module 'features\.2' \(BatchNorm1d\)"
+                                         r".*call model\.eval\(\)"):
+        run(model, good_x())
+    model.features.eval()      # the dropout layer alone is refused as well
+    with pytest.raises(ValueError, match=r"module 'head\.0' \(Dropout\).*call model\.eval\(\)"):
+        run(model, good_x())
+    model.features.train()
+    assert model.forwards == 0
+    after = state_bits(model)
+    assert after[1] == before[1]                       # still in training mode: not changed
+    assert after[0] == before[0]                       # running_mean etc.: the same bits
+    assert int(model.features[2].num_batches_tracked) == 0
+    model.eval()
+    run(model, good_x())                               # in eval mode it runs
+    assert model.forwards > 0
+    assert state_bits(model)[0] == before[0]
+
+
+def test_training_mode_of_the_model_itself_is_named():
+    with pytest.raises(ValueError, match=r"the model itself \(BatchNorm1d\).*running statistics"):
+        dk.certify(torch.nn.BatchNorm1d(6), torch.zeros(2, 6), L=3)
+
+
+# --- the native extension not built ---------------------------------------------------
+
+@pytest.fixture
+def native_missing(monkeypatch):
+    """dssn_kernels._C as if it failed to import (``set(exc)``: with that error)."""
+    import dssn_kernels.backends as backends
+    error = [ModuleNotFoundError("No module named 'dssn_kernels._C'", name="dssn_kernels._C")]
+    monkeypatch.setattr(backends, "_load_native", lambda: error[0])
+    monkeypatch.setattr(backends, "_fallback_warned", False)
+    backends.native_extension_error.cache_clear()
+
+    def set_error(exc):
+        error[0] = exc
+        backends.native_extension_error.cache_clear()
+    yield set_error
+    backends.native_extension_error.cache_clear()   # the real import, once unpatched
+
+
+def test_auto_without_native_extension_warns_once_and_falls_back(native_missing):
+    import warnings
+    assert "cpp" not in dk.available_backends()
+    expected = dk.certify(Recorder(), good_x(), L=5, backend="torch")
+    with pytest.warns(dk.NativeExtensionWarning) as record:
+        cert = dk.certify(Recorder(), good_x(), L=5)
+    assert cert.backend == "torch" and torch.equal(cert.counts, expected.counts)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "native C++ extension dssn_kernels._C is not built" in msg
+    assert "pip install --no-build-isolation -e ." in msg and "'torch' backend" in msg
+    assert "circular import" not in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # once per process: no second warning
+        dk.certify(Recorder(), good_x(), L=5)
+        dk.predict(Recorder(), good_x(), L=5)
+        dk.variants(good_x(), L=5)
+    with pytest.raises(dk.BackendUnavailableError,
+                       match=r"backend 'cpp' is not available: the native C\+\+ extension "
+                             r"dssn_kernels\._C is not built.*pip install --no-build-isolation"):
+        dk.certify(Recorder(), good_x(), L=5, backend="cpp")
+
+
+def test_native_extension_that_does_not_load_gives_its_reason(native_missing):
+    native_missing(ImportError("libc10.so: undefined symbol: _ZN3c10"))
+    why = dk.native_extension_error()
+    assert "built but does not load (ImportError: libc10.so: undefined symbol: _ZN3c10)" in why
+    with pytest.warns(dk.NativeExtensionWarning, match=r"undefined symbol.*pip install"):
+        assert dk.certify(Recorder(), good_x(), L=5).backend == "torch"
+
+
+def test_native_extension_loads_here():
+    """The real import (the tests run with the extension built): no error."""
+    assert dk.native_extension_error() is None and "cpp" in dk.available_backends()

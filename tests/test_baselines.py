@@ -136,3 +136,40 @@ def test_bad_images(certify):
         certify(Constant(0), torch.full((1, 4), float("nan")), sigma=0.5)
     with pytest.raises(TypeError, match="float pixels"):
         certify(Constant(0), torch.zeros((1, 4), dtype=torch.uint8), sigma=0.5)
+
+
+@pytest.mark.parametrize("certify", BASELINES)
+def test_model_in_training_mode_is_refused(certify):
+    """As for DSSN: a batch-norm or dropout layer in training mode would make the votes
+    depend on the batch and update the running statistics; refused before any forward."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[2].running_mean.normal_()
+    before = model[2].running_mean.clone()
+    with pytest.raises(ValueError, match=r"module '2' \(BatchNorm1d\).*call model\.eval\(\)"):
+        certify(model, torch.rand(2, 4), sigma=0.5, n0=4, n=8)
+    assert torch.equal(model[2].running_mean.view(torch.int32), before.view(torch.int32))
+    assert int(model[2].num_batches_tracked) == 0 and model.training
+    cert = certify(model.eval(), torch.rand(2, 4), sigma=0.5, n0=4, n=8)
+    assert int(cert.counts.sum()) == 16
+    assert torch.equal(model[2].running_mean.view(torch.int32), before.view(torch.int32))
+
+
+def test_sigma_lambda_conversions_are_the_released_expressions():
+    """spec.lam_from_sigma is the released code's float64 ``sigma / 3**-0.5`` bit for bit
+    (not sigma * 3**0.5, which differs for some sigma), sigma_from_lam ``lam * 3**-0.5``;
+    every sigma <-> lambda conversion of the package goes through them."""
+    import numpy as np
+
+    import dssn_kernels as dk
+    rng = np.random.default_rng(0)
+    sigmas = [0.12, 0.25, 0.5, 1.0, 3.5, 1 / 3, *(0.01 + rng.random(2000)).tolist()]
+    differs = 0
+    for s in sigmas:
+        assert dk.lam_from_sigma(s) == s / 3 ** -0.5
+        assert dk.sigma_from_lam(s) == s * 3 ** -0.5
+        differs += dk.lam_from_sigma(s) != s * 3 ** 0.5
+        assert dk.num_variants(s, q=255) == int(2 * (s / 3 ** -0.5) * 255)
+    assert differs > 0          # the expression matters
+    assert dk.lam_from_sigma(1) == 1 / 3 ** -0.5     # an int sigma (the baselines accept one)

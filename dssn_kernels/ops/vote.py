@@ -6,8 +6,6 @@ than tau vote for no class and are recorded, per class they could go to, in ``am
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 
@@ -63,16 +61,6 @@ def margin_below(top: torch.Tensor, z: torch.Tensor, tau: float) -> torch.Tensor
     e = (top - (s - v)) + ((-z) - v)
     less = (s < tau) | ((s == tau) & (e < 0))
     return torch.where(top == z, torch.tensor(tau > 0, device=less.device), less)
-
-
-def check_margin(margin) -> float:
-    """The margin tau as a float: a finite real number >= 0 (0 = no margin)."""
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
-        raise TypeError(f"margin must be a real number >= 0, got {type(margin).__name__}")
-    tau = float(margin)
-    if not 0 <= tau < float("inf"):
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    return tau
 
 
 def vote_margin_torch(counts: torch.Tensor, ambiguous: torch.Tensor, nan_rows: torch.Tensor,

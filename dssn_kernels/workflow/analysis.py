@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..spec import lam_from_sigma, sigma_from_lam
 from .results import ResultsError, meta_margin, read_results
 
 TABLE1_RADII = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)   # the paper's Table 1 (q = 255)
@@ -52,7 +53,7 @@ class Result:
         if "sigma" in self.spec:
             return float(self.spec["sigma"])
         if "lam" in self.spec:
-            return float(self.spec["lam"]) * 3 ** -0.5
+            return sigma_from_lam(float(self.spec["lam"]))
         return None
 
     @property
@@ -299,7 +300,7 @@ def noise_examples(levels: torch.Tensor, q: int, sigma: float, seed: int = 0,
     dssn = torch.stack([variants(levels[i:i + 1], L=L, q=q, seed=seed, start=int(t[i]),
                                  stop=int(t[i]) + 1)[0, 0] for i in range(levels.shape[0])])
     clean = levels.double() / q
-    lam = sigma / 3 ** -0.5
+    lam = lam_from_sigma(sigma)
     eps = (torch.rand(clean.shape, generator=g, dtype=torch.float64) * 2 - 1) * lam
     uniform = (clean + eps + lam) / (1 + 2 * lam)
     as_img = lambda x: x.double().permute(0, 2, 3, 1).clamp(0, 1).numpy()  # noqa: E731

@@ -11,8 +11,8 @@ exactly as their code does with statsmodels' ``proportion_confint(nA, n, alpha=a
 method="beta")[0]`` (``certify_prob_lb`` in Yang et al.'s rs4a), computed here with scipy:
 the alpha/2-quantile of Beta(nA, n - nA + 1). (Cohen et al.'s code passes 2*alpha instead,
 a one-sided bound at confidence 1 - alpha; Yang et al.'s is slightly more conservative.)
-The L1 radius is 2*lam*(p_lower - 1/2) with lam = sigma / 3**-0.5; the image is not
-certified (prediction -1, radius 0) when p_lower <= 1/2.
+The L1 radius is 2*lam*(p_lower - 1/2) with lam = spec.lam_from_sigma(sigma) =
+sigma / 3**-0.5; the image is not certified (prediction -1, radius 0) when p_lower <= 1/2.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import torch
 from scipy.stats import binomtest
 
 from ..backends import resolve_backend
-from ..pipeline import check_batch_size, run_votes, warn_if_training
+from ..checks import check_batch_size, check_eval_mode, check_generator
+from ..pipeline import run_votes
+from ..spec import lam_from_sigma
 
 ABSTAIN = -1
 
@@ -67,9 +69,10 @@ def _check_args(x, sigma, n0, n, alpha):
 def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, progress, desc):
     _check_args(x, sigma, n0, n, alpha)
     batch_size = check_batch_size(batch_size)
-    warn_if_training(model)
+    generator = check_generator(generator)
+    check_eval_mode(model)
     backend = resolve_backend("auto", x.device)
-    lam = sigma / 3 ** -0.5
+    lam = lam_from_sigma(sigma)
     flat = x.reshape(x.shape[0], -1).float()
     shape = tuple(x.shape[1:])
 

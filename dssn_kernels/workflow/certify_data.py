@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..backends import resolve_backend
 from ..certify import certify
-from ..ops import check_margin
+from ..checks import check_margin
 from .checkpoint import SmoothingSpec, file_sha256, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
 from .distributed import Context

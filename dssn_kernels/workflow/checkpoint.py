@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from .models import SmallCNN, normalized, resnet50, wrn40_2
-from ..spec import check_seed, num_variants
+from ..checks import check_seed
+from ..spec import lam_from_sigma, num_variants, sigma_from_lam
 
 FORMAT = "dssn-checkpoint/1"
 
@@ -93,11 +94,11 @@ class SmoothingSpec:
 
     @property
     def sigma_value(self) -> float:
-        return self.sigma if self.sigma is not None else self.lam * 3 ** -0.5
+        return self.sigma if self.sigma is not None else sigma_from_lam(self.lam)
 
     @property
     def lam_value(self) -> float:
-        return self.lam if self.lam is not None else self.sigma / 3 ** -0.5
+        return self.lam if self.lam is not None else lam_from_sigma(self.sigma)
 
     def certify_kwargs(self) -> dict:
         """Keyword arguments for ``dk.certify`` / ``dk.training_noise``: L, q, seed."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,12 +225,17 @@ def read_checkpoint(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": not ours to show
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (any unreadable file: say which and why)
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = [ln for ln in lines if ln.startswith("WeightsUnpickler error")]
-        first = (why or lines or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} is not a loadable dssn checkpoint ({first})") from None
+        # never torch's advice (weights_only=False, add_safe_globals): that would run the
+        # file's pickled code; a dssn checkpoint is plain data and weights
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        why = (f"it holds a pickled {found.group(1)} object (a whole model?), which is never "
+               "unpickled" if found else "not a file written by torch.save, or a damaged one")
+        raise CheckpointError(f"{path} is not a loadable dssn checkpoint ({why}); write one "
+                              "with `dssn train` or save_checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a dssn checkpoint (format {fmt!r}, "

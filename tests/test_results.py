@@ -218,3 +218,89 @@ def test_margin_resume_and_refusal(tmp_path):
     write(q, [row(0, 0, [27, 0, 0])])
     with pytest.raises(ResultsError, match="--margin 0, this run uses --margin 0.05"):
         read_for_resume(q, MMETA)
+
+
+SEL = dict(META, selection={"skip": 1, "max": 6})
+
+
+def test_selection_in_the_header(tmp_path):
+    from dssn_kernels.workflow.results import selection_within
+
+    assert selection_within({"skip": 1, "max": 4}, {"skip": 1, "max": 6})      # a larger --max
+    assert selection_within({"skip": 2, "max": 6}, {"skip": 1, "max": 6})      # every image
+    assert not selection_within({"skip": 1, "max": 6}, {"skip": 1, "max": 4})  # rows beyond
+    assert not selection_within({"skip": 1, "max": 4}, {"skip": 2, "max": 6})  # odd indices
+    assert not selection_within({"skip": 0, "max": 4}, {"skip": 1, "max": 6})  # malformed
+    p = tmp_path / "r.tsv"
+    write(p, [row(0, 0, [27, 0, 0]), row(1, 1, [0, 27, 0])], dict(META, selection={"skip": 1, "max": 2}))
+    before = p.read_bytes()
+    # another selection that does not hold the file's images: refused, nothing changed
+    for sel, what in (({"skip": 2, "max": 6}, "--skip 1 --max 2: 2 images; this run: --skip 2"),
+                      ({"skip": 1, "max": 1}, "rerun with --skip 1 --max 2")):
+        with pytest.raises(ResultsError, match="another selection of images.*" + what):
+            consolidate(p, dict(META, selection=sel))
+        assert p.read_bytes() == before
+    # a larger one resumes the file, whose header then records it
+    assert sorted(consolidate(p, SEL)) == [0, 1]
+    assert read_results(p, expect_meta=SEL).meta == SEL
+    assert read_results(p).lines == [row(0, 0, [27, 0, 0]), row(1, 1, [0, 27, 0])]
+    # a file of an older version (no selection): resumed when its rows are in the selection
+    write(p, [row(0, 0, [27, 0, 0]), row(7, 1, [0, 27, 0])])
+    with pytest.raises(ResultsError, match="outside this run's selection.*index 7"):
+        consolidate(p, SEL)
+    write(p, [row(0, 0, [27, 0, 0]), row(5, 1, [0, 27, 0])])
+    assert sorted(consolidate(p, SEL)) == [0, 5] and read_results(p).meta == SEL
+
+
+def test_torn_header_or_column_line_and_empty_files(tmp_path):
+    p = tmp_path / "r.tsv"
+    header = header_line(META)
+    for text, what in ((header[:30], "line 1, the header, is incomplete"),
+                       (header[:5], "line 1, the header, is incomplete"),
+                       (header + COLUMN_LINE[:5], "line 2, the column line, is incomplete")):
+        p.write_text(text)
+        with pytest.raises(ResultsError, match=what + ".*--overwrite"):
+            read_results(p)
+    # on resume a torn column line (no rows) starts the file again; a torn header is refused
+    assert read_for_resume(p, META) is None and not p.exists()
+    p.write_text(header[:30])
+    with pytest.raises(ResultsError, match="line 1, the header"):
+        read_for_resume(p, META)
+    assert p.read_text() == header[:30]
+    # an empty file: refused by readers, started again on resume (it holds nothing)
+    p.write_text("")
+    with pytest.raises(ResultsError, match="is empty.*--overwrite"):
+        read_results(p)
+    assert consolidate(p, META) == {} and read_results(p).meta == META
+
+
+def test_write_atomic_names_the_users_file(tmp_path):
+    from dssn_kernels.workflow.results import write_atomic
+
+    with pytest.raises(ResultsError, match=f"cannot write {tmp_path / 'no' / 'r.tsv'}: ") as info:
+        write_atomic(tmp_path / "no" / "r.tsv", META, [])
+    assert "merge-tmp" not in str(info.value)
+
+
+def test_output_lock(tmp_path):
+    import json
+    import os
+
+    from dssn_kernels.workflow.results import OutputLock, lock_path
+
+    out = tmp_path / "r.tsv"
+    with OutputLock(out) as lock:
+        info = json.loads(lock_path(out).read_text())
+        assert info["pid"] == os.getpid() and info["host"] and info["started"]
+        # a second lock (another open file: flock excludes it even in this process)
+        with pytest.raises(ResultsError, match=rf"r.tsv is in use: dssn certify \(pid "
+                                               rf"{os.getpid()} on .*, since "):
+            OutputLock(out).acquire()
+        assert lock._fd is not None
+    assert not lock_path(out).exists()             # released: the lock file is removed
+    # a lock file left by a dead holder is locked by nobody: taken over
+    lock_path(out).write_text('{"pid": 999999, "host": "elsewhere"}\n')
+    with OutputLock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+    OutputLock(out).release()                      # releasing an unheld lock: nothing

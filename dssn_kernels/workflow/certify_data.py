@@ -15,19 +15,22 @@ from ..checks import check_margin
 from .checkpoint import SmoothingSpec, file_sha256, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
 from .distributed import Context
-from .options import USER_ERRORS, WorkflowError, resolve_device
-from .results import (ResultsWriter, consolidate, format_row, merge_rows, meta_margin, part_path,
-                      read_for_resume, read_results, write_atomic)
+from .options import USER_ERRORS, WorkflowError, check_output_path, resolve_device
+from .results import (OutputLock, ResultsWriter, consolidate, format_row, merge_rows, meta_margin,
+                      part_path, read_for_resume, read_results, selection, write_atomic)
 
 
 def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: dict,
-                 margin: float = 0.0) -> dict:
-    """The header that ties a result file to its checkpoint, spec, data split and margin
-    (recorded only when > 0, so files without a margin keep their format)."""
+                 margin: float = 0.0, selection: dict | None = None) -> dict:
+    """The header that ties a result file to its checkpoint, spec, data split, margin
+    (recorded only when > 0, so files without a margin keep their format) and selection
+    of images (results.selection: --skip and --max)."""
     meta = {"checkpoint_sha256": checkpoint_sha256, "spec": spec.to_dict(),
             "dataset": dict(dataset_identity)}
     if margin > 0:
         meta["margin"] = float(margin)
+    if selection is not None:
+        meta["selection"] = dict(selection)
     return meta
 
 
@@ -40,7 +43,10 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                     margin: float = 0.0) -> dict:
     """Certifies the images of a data split (Cohen et al.'s ``skip``/``max``) with the
     checkpoint's smoothed classifier and writes the result TSV ``out`` (results.py),
-    resuming an earlier run of the same checkpoint, spec, split and margin.
+    resuming an earlier run of the same checkpoint, spec, split and margin, and of the
+    same or a smaller selection of images (``skip``/``max_index``; -1 or None: all). The
+    run holds an exclusive lock on ``out`` (results.OutputLock): a second run on it fails
+    at once, naming the first.
 
     ``margin`` tau >= 0: certify with ``certify(..., margin=tau)`` (votes that survive
     floating-point differences of the logits up to tau/2); the file then records tau
@@ -50,6 +56,10 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     SpecMismatchError). Under torchrun the images are split over the ranks and rank 0
     merges their rows into ``out``. Returns a summary dict (on every rank).
     """
+    out = check_output_path(out)
+    if max_index is not None and (isinstance(max_index, bool) or not isinstance(max_index, int)
+                                  or max_index < -1):
+        raise WorkflowError(f"--max must be an index >= 0, or -1 for all images; got {max_index}")
     ckpt = read_checkpoint(checkpoint)
     spec: SmoothingSpec = ckpt["spec_obj"]
     spec.check_agrees(sigma=sigma, lam=lam, q=q, seed=seed)
@@ -72,9 +82,14 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
         margin = check_margin(margin)
     except (TypeError, ValueError) as exc:
         raise WorkflowError(f"bad --margin: {exc}") from None
-    meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin)
     indices = cohen_indices(len(ds), skip, max_index)
-    out = Path(out)
+    if not indices:
+        raise WorkflowError(f"no images selected: --max {max_index} selects none of the "
+                            f"{len(ds)} images (-1 selects all)" if len(ds) else
+                            f"{ds_name} {split} has no images")
+    stop = len(ds) if max_index is None or max_index < 0 else min(len(ds), max_index)
+    meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin,
+                        selection(skip, stop))
 
     ctx = context or Context.from_env(device, dist_backend)
     try:
@@ -87,9 +102,20 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
             ctx.close()
 
 
-def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, device,
-                   batch_size, images_per_batch, backend, overwrite, progress,
-                   margin: float = 0.0) -> dict:
+def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, **kw) -> dict:
+    # Rank 0 locks `out` for the whole run, from before the consolidation (creating the
+    # folder) to the merge: it alone writes `out`; the other ranks write part files named
+    # after their rank, and stop with rank 0's refusal before reading or writing any.
+    lock = OutputLock(out)
+    try:
+        return _certify_shards(ctx, lock, ckpt, spec, ds, meta, indices, out, **kw)
+    finally:
+        lock.release()
+
+
+def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indices, out: Path, *,
+                    device, batch_size, images_per_batch, backend, overwrite, progress,
+                    margin: float = 0.0) -> dict:
     # Every rank runs this with the same arguments (torchrun starts the same command on
     # each), so each rank certifies its shard with the same margin; the margin is in
     # `meta`, so a part file or `out` of another margin is refused on every path.
@@ -109,6 +135,16 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
         done = consolidate(out, meta, extra, overwrite=overwrite)
         return sorted(done)
 
+    def take_lock(_):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkflowError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
+        lock.acquire()
+
+    # 0. Rank 0 locks `out` before any rank reads (or trims) a part file another run may
+    #    still be writing; a refusal stops every rank here.
+    ctx.agree(take_lock, USER_ERRORS)
     done = set(ctx.agree(decide, USER_ERRORS, local=read_local_part))
     if my_part.exists() and ctx.distributed and not ctx.is_main:
         my_part.unlink()  # merged into `out` by rank 0 above
@@ -167,11 +203,14 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, *, de
         ctx.agree(merge, USER_ERRORS, local=my_rows)
         if my_part.exists():
             my_part.unlink()  # its rows are in `out` now
-    return summarize(out, meta, len(mine), seconds, ctx)
+    return summarize(out, meta, len(mine), seconds, ctx, certified=len(todo))
 
 
-def summarize(out: Path, meta: dict, certified_here: int, seconds: float, ctx: Context) -> dict:
+def summarize(out: Path, meta: dict, certified_here: int, seconds: float, ctx: Context,
+              certified: int | None = None) -> dict:
+    """``certified``: the images certified by every rank together (default: this rank's)."""
     summary = {"out": str(out), "certified_here": certified_here, "seconds": seconds,
+               "certified": certified_here if certified is None else certified,
                "rank": ctx.rank, "world_size": ctx.world_size}
     if ctx.is_main:
         rf = read_results(out, expect_meta=meta)

@@ -1,5 +1,9 @@
-"""Options shared by the workflow's commands: the device, and which errors are the user's."""
+"""Options shared by the workflow's commands: the device, output paths, and which errors
+are the user's."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -25,3 +29,29 @@ def resolve_device(device: str | None) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WorkflowError(f"--device {device}: no CUDA device is available")
     return device
+
+
+def check_output_path(out, flag: str = "--out"):
+    """``out`` as a Path after checking that a file can be written there, creating
+    nothing: not empty, not a folder, every existing ancestor a folder, the nearest
+    existing one writable (missing folders are created when the file is written).
+    Raises WorkflowError naming the user's path."""
+    if out is None or not str(out).strip():
+        raise WorkflowError(f"{flag} is empty: give a file name")
+    path = Path(out)
+    try:
+        if path.is_dir():
+            raise WorkflowError(f"{flag} {out} is a folder: give a file name")
+        folder = path.parent
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            what = "a file" if folder.exists() else "a broken link"
+            raise WorkflowError(f"{flag} {out}: {folder} is {what}, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise WorkflowError(f"{flag} {out}: the folder {folder} is not writable")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise WorkflowError(f"{flag} {out} is not writable")
+    except OSError as exc:  # e.g. a parent that cannot be searched
+        raise WorkflowError(f"{flag} {out}: {exc.strerror or exc}") from None
+    return path

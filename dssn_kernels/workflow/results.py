@@ -4,10 +4,12 @@ in flight, and resumable.
 
 Layout::
 
-    # dssn-results/1 {"checkpoint_sha256": "...", "dataset": {...}, "spec": {...}}
+    # dssn-results/1 {"checkpoint_sha256": "...", "dataset": {...}, "selection": {"max": 540, "skip": 1}, "spec": {...}}
     idx	label	predict	radius	correct	time	counts
     0	3	3	0.8125	1	0.000412	0,0,0,27,0,0,0,0,0,0
 
+``selection`` records the images the run certifies: every ``skip``-th index below
+``max`` (Cohen et al.'s --skip and --max; --max -1 is recorded as the split's size).
 ``radius`` is the certified L1 radius on the [0, 1] scale, steps/q, written as the
 shortest decimal that reads back to the same float64; ``time`` the seconds spent per
 image (the batch's wall time divided by its images); ``counts`` the L votes per class;
@@ -34,13 +36,23 @@ to L over num_classes classes, and its prediction, radius and correct flag are t
 counts, ambiguous counts and label give (else refused as corrupt, naming the line); no
 index appears twice. A last line without its newline is a write torn by a crash: on
 resume it is dropped (the file is truncated to its last complete line, with a warning)
-and that image is certified again.
+and that image is certified again. A run may resume a file of another selection only
+when that selection lies within its own (a larger --max, or --skip 1 after --skip 2):
+the header then records the run's; any other selection is refused, so one file never
+mixes two. A torn header or column line holds no results; a file certified by a
+version without ``selection`` is resumed when its rows all lie in the run's selection.
+
+While a run writes a file it holds ``<file>.lock`` (OutputLock): a second run on the
+same file stops at once, naming the first.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,10 +266,52 @@ def _diff(a, b, prefix="") -> list[str]:
     return []
 
 
+def selection(skip: int, stop: int) -> dict:
+    """The header's record of the images a run certifies: Cohen et al.'s every ``skip``-th
+    index below ``stop`` (--max, or the size of the split for -1)."""
+    return {"skip": int(skip), "max": int(stop)}
+
+
+def _selection_range(sel) -> range | None:
+    if not isinstance(sel, dict):
+        return None
+    skip, stop = sel.get("skip"), sel.get("max")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (skip, stop)):
+        return None
+    return range(0, stop, skip) if skip >= 1 and stop >= 0 else None
+
+
+def in_selection(idx: int, sel: dict) -> bool:
+    r = _selection_range(sel)
+    return r is not None and idx in r
+
+
+def selection_within(inner, outer) -> bool:
+    """True when every index of the selection ``inner`` is in ``outer`` (a run may resume
+    a file of a smaller selection, e.g. a smaller --max: the file then gets ``outer``)."""
+    a, b = _selection_range(inner), _selection_range(outer)
+    return a is not None and b is not None and all(i in b for i in a)
+
+
+def describe_selection(sel) -> str:
+    r = _selection_range(sel)
+    if r is None:
+        return f"selection {json.dumps(sel)}"
+    return f"--skip {r.step} --max {r.stop}: {len(r)} images"
+
+
+def selection_options(sel) -> str:
+    r = _selection_range(sel)
+    return "the same --skip and --max" if r is None else f"--skip {r.step} --max {r.stop}"
+
+
 def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = False) -> ResultsFile:
     """Reads and checks a result file (see the module doc for the rules). With
-    ``expect_meta`` the header must equal it. A torn last line is an error unless
-    ``allow_torn``, when it is reported in ``.torn`` and left out of the rows."""
+    ``expect_meta`` the header must equal it, except that when ``expect_meta`` holds a
+    selection the file's may be one within it (selection_within; a file without one must
+    hold only indices of it): the caller then rewrites the header. A torn last line is an
+    error unless ``allow_torn``, when it is reported in ``.torn`` and left out of the
+    rows."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -268,7 +322,15 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
     except UnicodeDecodeError as exc:
         raise ResultsError(f"{path} is corrupt: not UTF-8 text (byte {exc.start})") from None
     lines = text.splitlines(keepends=True)
-    if not lines or not lines[0].startswith(HEADER_PREFIX) or not lines[0].endswith("\n"):
+    if not lines:
+        raise ResultsError(f"{path} is empty (a run that stopped before writing its header?); "
+                           "pass --overwrite to start it again")
+    if len(lines) == 1 and not lines[0].endswith("\n") and (
+            lines[0].startswith(HEADER_PREFIX) or HEADER_PREFIX.startswith(lines[0])):
+        raise ResultsError(f"{path} is corrupt: line 1, the header, is incomplete (a write "
+                           "torn by a crash); it holds no results: pass --overwrite to start "
+                           "it again")
+    if not lines[0].startswith(HEADER_PREFIX) or not lines[0].endswith("\n"):
         raise ResultsError(f"{path} is not a dssn result file (line 1 must start with "
                            f"{HEADER_PREFIX.strip()!r}); refusing to touch it")
     try:
@@ -283,16 +345,35 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
                            f"{meta_margin(expect_meta):g}; nothing was changed: rerun with "
                            f"--margin {meta_margin(meta):g} to resume it, choose another --out, "
                            "or pass --overwrite to replace it")
-    if expect_meta is not None and meta != expect_meta:
-        diffs = "; ".join(_diff(meta, expect_meta)) or "header differs"
+    # the selection of images may grow (selection_within); everything else must be equal
+    want = None if expect_meta is None else expect_meta.get("selection")
+    if want is not None:
+        others = ({k: v for k, v in meta.items() if k != "selection"},
+                  {k: v for k, v in expect_meta.items() if k != "selection"})
+    else:
+        others = (meta, expect_meta)
+    if expect_meta is not None and others[0] != others[1]:
+        diffs = "; ".join(_diff(*others)) or "header differs"
         raise ResultsError(f"{path} holds results of a different run ({diffs}); nothing was "
                            "changed: choose another --out, or pass --overwrite to replace it")
+    have = meta.get("selection")
+    if want is not None and have is not None and not selection_within(have, want):
+        raise ResultsError(
+            f"{path} holds another selection of images ({describe_selection(have)}; this run: "
+            f"{describe_selection(want)}, which does not include them all); nothing was "
+            f"changed: rerun with {selection_options(have)} (or a larger --max) to resume it, "
+            "choose another --out, or pass --overwrite to replace it")
     torn = None
     if lines[-1] and not lines[-1].endswith("\n"):
         torn = lines.pop()
+        if not allow_torn and len(lines) == 1:
+            raise ResultsError(f"{path} is corrupt: line 2, the column line, is incomplete (a "
+                               "write torn by a crash); it holds no results: rerun the certify "
+                               "command to resume it, or pass --overwrite to start it again")
         if not allow_torn:
             raise ResultsError(f"{path} is corrupt: line {len(lines) + 1} is incomplete "
-                               f"(a torn write?): {torn[:60]!r}")
+                               f"(a write torn by a crash): {torn[:60]!r}; rerun the certify "
+                               "command to resume it (that line is dropped)")
     columns = columns_for(meta)
     if len(lines) < 2 or lines[1].rstrip("\n") != "\t".join(columns):
         if len(lines) >= 2 or torn is None:
@@ -311,6 +392,13 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
         seen[row.idx] = n
         out.rows.append(row)
         out.lines.append(line)
+    if want is not None and have is None:   # a file of an older version: its rows must fit
+        stray = [r.idx for r in out.rows if not in_selection(r.idx, want)]
+        if stray:
+            raise ResultsError(
+                f"{path} holds images outside this run's selection ({describe_selection(want)}"
+                f"), e.g. index {stray[0]}; nothing was changed: choose another --out, or pass "
+                "--overwrite to replace it")
     out.valid_bytes = len("".join(lines).encode("utf-8"))
     return out
 
@@ -373,8 +461,8 @@ def read_for_resume(path, meta: dict) -> ResultsFile | None:
     rows. Refuses (ResultsError) without touching the file if it belongs to another run or
     is corrupt; truncates a torn last line (the only change it ever makes)."""
     path = Path(path)
-    if not path.exists():
-        return None
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return None   # (an empty file: a run that stopped before its header; nothing to lose)
     rf = read_results(path, expect_meta=meta, allow_torn=True)
     if rf.torn is not None:
         _warn(f"{path}: dropping an incomplete last line (a write torn by a crash): "
@@ -408,11 +496,108 @@ def write_atomic(path, meta: dict, lines) -> None:
     """Writes header and ``lines`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".merge-tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(header_line(meta) + column_line(meta) + "\n" + "".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(header_line(meta) + column_line(meta) + "\n" + "".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:   # name the user's file, not the temporary one
+        if tmp.is_file():
+            tmp.unlink()
+        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def lock_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+class OutputLock:
+    """An exclusive lock on a result file for one run: ``<out>.lock`` beside it, held with
+    flock(2) on an open descriptor, so the OS releases it when the process ends, crash and
+    ``kill -9`` included. A lock file left behind by a dead process is locked by nobody
+    and is simply taken over; it names the holder (pid, host, start time) for the one-line
+    refusal a second process gets. Removed on release. Where flock is unavailable
+    (Windows, a file system without locks) the run goes on unlocked, with a warning."""
+
+    def __init__(self, out, what: str = "dssn certify"):
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        self.what = what
+        self._fd = None
+
+    def acquire(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ResultsError(f"cannot lock {self.out}: {self.path}: "
+                                   f"{exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_lock(fd)
+                os.close(fd)
+                if isinstance(exc, BlockingIOError) or exc.errno in (errno.EACCES, errno.EAGAIN):
+                    raise ResultsError(f"{self.out} is in use: {_describe_holder(holder)} is "
+                                       "writing it; wait for it to finish or stop it (its "
+                                       f"lock, {self.path.name}, goes when it exits)") from None
+                _warn(f"cannot lock {self.path} ({exc.strerror}): running unlocked; do not "
+                      f"start a second run on {self.out}")
+                return self
+            # a holder releasing the lock removes the file: retry if it is not ours any more
+            try:
+                mine = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                mine = False
+            if mine:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.what,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self._fd)   # drops the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_lock(fd) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode("utf-8"))
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(info: dict) -> str:
+    if not info.get("pid"):
+        return "another process"
+    return (f"{info.get('command', 'another process')} (pid {info['pid']} on "
+            f"{info.get('host', '?')}, since {info.get('started', '?')})")
 
 
 def consolidate(out, meta: dict, extra_sources=(), *, overwrite: bool = False) -> dict:
@@ -432,9 +617,15 @@ def consolidate(out, meta: dict, extra_sources=(), *, overwrite: bool = False) -
     existing = read_for_resume(out, meta)
     found = [existing] + [read_for_resume(p, meta) for p in parts]
     sources = [rf.source() for rf in found if rf is not None] + list(extra_sources)
-    if existing is None or len(sources) > 1:
+    # a file of a smaller selection (read_results) gets this run's header
+    if existing is not None and existing.meta.get("selection") != meta.get("selection"):
+        old = existing.meta.get("selection")
+        since = "" if old is None else f" from {describe_selection(old)}"
+        print(f"dssn: note: {out}: the selection of images grows{since} to "
+              f"{describe_selection(meta.get('selection'))}", file=sys.stderr, flush=True)
+    if existing is None or len(sources) > 1 or existing.meta != meta:
         lines = merge_rows(sources)
-        if existing is None or len(lines) != len(existing.lines):
+        if existing is None or len(lines) != len(existing.lines) or existing.meta != meta:
             write_atomic(out, meta, lines)
     for p in parts:
         if p.exists():

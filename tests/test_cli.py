@@ -61,7 +61,9 @@ def test_cli_workflow_end_to_end(tmp_path, capsys):
     code, out, err = run(["certify", str(ckpt), "--out", str(tsv), "--max", "24",
                           "--skip", "2", "--no-progress"], capsys)
     assert code == 0 and "certified 2 images" in out
+    assert "selection of images grows from --skip 2 --max 20: 10 images to --skip 2 --max 24" in err
     assert [r.idx for r in read_results(tsv).rows] == list(range(0, 24, 2))
+    assert read_results(tsv).meta["selection"] == {"skip": 2, "max": 24}   # the header follows
 
     code, out, err = run(["analyze", str(tsv), "--radii", "0.25", "0.5"], capsys)
     assert code == 0 and "| r.tsv | 0.5 | 27 | 16 | 12 |" in out and "ρ = 0.25" in out
@@ -194,6 +196,42 @@ def test_analyze_hand_made_files_gives_the_known_table(tmp_path, capsys):
     assert "| | ρ = 0.5 | ρ = 1 | ρ = 1.5 | ρ = 2 | ρ = 2.5 | ρ = 3 | ρ = 3.5 | ρ = 4 |".replace(
         "| |", "|  |") in out
     assert "| c.tsv | 0.25 | 220 | 255 | 1 | 100.0% | 0.0% |" in out   # 110/255 < 0.5
+
+
+def test_analyze_never_mixes_data_sets_or_q_in_one_row(tmp_path, capsys):
+    # the best-over-sigma row of unlabeled files: one per data set and q
+    a = hand_made(tmp_path / "a.tsv", 0.25, 13, [(0, 0, [13, 0, 0]), (1, 1, [0, 13, 0])])
+    b = hand_made(tmp_path / "b.tsv", 0.25, 220, [(0, 0, [220, 0, 0])], q=255)
+    c = hand_made(tmp_path / "c.tsv", 0.5, 27, [(0, 1, [27, 0, 0])])
+    c.write_text(c.read_text().replace('"name": "digits"', '"name": "cifar10"', 1))
+    code, out, err = run(["analyze", str(a), str(b), str(c), "--radii", "0.25"], capsys)
+    assert code == 0, err
+    assert "| DSSN (digits, q=16) | 100.0% (100.0% @ σ=0.25) |" in out
+    assert "| DSSN (digits, q=255) | 100.0% (100.0% @ σ=0.25) |" in out
+    assert "| DSSN (cifar10, q=16) | 0.0% (0.0% @ σ=0.5) |" in out
+    best = analysis.best_over_sigma(analysis.load_results([a, b, c]), [0.25])
+    assert sorted(best) == ["DSSN (cifar10, q=16)", "DSSN (digits, q=16)", "DSSN (digits, q=255)"]
+    # labels still group, and within one label data set and q still split the row
+    code, out, err = run(["analyze", f"x={a}", f"x={b}", f"y={c}", "--radii", "0.25"], capsys)
+    assert "| x (q=16) |" in out and "| x (q=255) |" in out and "| y |" in out
+
+
+def test_certify_holds_the_output_lock_while_it_runs(tmp_path, capsys, monkeypatch):
+    from dssn_kernels.workflow.results import OutputLock, ResultsError, lock_path
+
+    ckpt, tsv = tiny_checkpoint(tmp_path / "m.pt"), tmp_path / "r.tsv"
+    real, seen = certify_data.certify, []
+
+    def certify_and_try_the_lock(*a, **kw):
+        with pytest.raises(ResultsError, match="r.tsv is in use: dssn certify"):
+            OutputLock(tsv).acquire()
+        seen.append(lock_path(tsv).exists())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(certify_data, "certify", certify_and_try_the_lock)
+    assert run(["certify", str(ckpt), "--out", str(tsv), "--max", "4", "--no-progress"],
+               capsys)[0] == 0
+    assert seen == [True] and not lock_path(tsv).exists()
 
 
 def test_certify_with_a_margin(tmp_path, capsys):

@@ -12,7 +12,8 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from dssn_kernels.workflow import cli  # noqa: E402
-from dssn_kernels.workflow.results import part_path, read_results  # noqa: E402
+from dssn_kernels.workflow.results import (OutputLock, lock_path, part_path,  # noqa: E402
+                                           read_results)
 from testkit import rows_without_time, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -37,7 +38,9 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "over 2 ranks" in r.stdout
     assert not part_path(dist, 0).exists() and not part_path(dist, 1).exists()
-    assert rows_without_time(dist) == rows_without_time(single)[:2 + 25]
+    # the same rows; the header records the selection (--max 25 here, 40 there)
+    assert rows_without_time(dist)[1:] == rows_without_time(single)[1:2 + 25]
+    assert read_results(dist).meta["selection"] == {"skip": 1, "max": 25}
 
     # an interrupted earlier run left a part file: it is merged, then the rest resumed
     extra = single.read_text().splitlines(keepends=True)
@@ -45,7 +48,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     part.write_text("".join(extra[:2] + [extra[2 + 30], extra[2 + 33]]))
     r = torchrun([str(ckpt), "--out", str(dist), "--max-index", "40"] + opts)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "certified 7 images over 2 ranks" in r.stdout   # 13 left: 7 on rank 0, 6 on rank 1
+    assert "certified 13 images over 2 ranks" in r.stdout   # 7 on rank 0, 6 on rank 1
     assert not part.exists()
     assert rows_without_time(dist) == rows_without_time(single)
     assert [row.idx for row in read_results(dist).rows] == list(range(40))
@@ -59,6 +62,15 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     # (torchrun's launcher prints its own traceback for a failed worker; ours print one line)
     assert "dssn_kernels/workflow.py" not in r.stderr and "dssn_kernels/results.py" not in r.stderr
     assert dist.read_bytes() == before and not part_path(dist, 1).exists()
+
+    # while another run holds the output's lock (rank 0 takes it), every rank stops at
+    # once with rank 0's one-line refusal naming the holder; nothing is changed
+    with OutputLock(dist):
+        r = torchrun([str(ckpt), "--out", str(dist), "--max-index", "40"] + opts)
+        assert r.returncode != 0 and f"is in use: dssn certify (pid {os.getpid()} on" in r.stderr
+        assert lock_path(dist).exists()
+    assert dist.read_bytes() == before and not lock_path(dist).exists()
+    assert not part_path(dist, 0).exists() and not part_path(dist, 1).exists()
 
 
 def test_two_processes_with_a_margin(tmp_path):

@@ -165,13 +165,35 @@ def accuracy_table(results, radii, decimals: int = 1) -> str:
     return _markdown(head, rows)
 
 
-def best_over_sigma(results, radii) -> dict:
-    """{label: {radius: (certified accuracy, clean accuracy, sigma, path)}}: for each row
-    group and radius, the file with the highest certified accuracy (ties: higher clean
-    accuracy, then smaller sigma, then the earlier file)."""
-    groups: dict = {}
+def row_groups(results) -> dict:
+    """{row name: [results]}: the files grouped by label, data set (name and split) and q,
+    so that no best-over-sigma row mixes data sets or quantizations. A row is named by
+    its label, followed by what tells apart the groups of one label (data set, split, q)
+    when it has several, e.g. "DSSN (cifar10, q=255)"."""
+    keyed: dict = {}
     for res in results:
-        groups.setdefault(res.label, []).append(res)
+        key = (res.label, res.dataset.get("name"), res.dataset.get("split"), res.q)
+        keyed.setdefault(key, []).append(res)
+    named = {}
+    for key, members in keyed.items():
+        siblings = [k for k in keyed if k[0] == key[0]]
+        parts = []
+        if len({k[1] for k in siblings}) > 1:
+            parts.append(str(key[1]))
+        if len({k[2] for k in siblings}) > 1:
+            parts.append(f"{key[2]} split")
+        if len({k[3] for k in siblings}) > 1:
+            parts.append(f"q={key[3]}")
+        named[f"{key[0]} ({', '.join(parts)})" if parts else key[0]] = members
+    return named
+
+
+def best_over_sigma(results, radii) -> dict:
+    """{row name: {radius: (certified accuracy, clean accuracy, sigma, path)}}: for each
+    row group (row_groups: one label, data set and q) and radius, the file with the
+    highest certified accuracy (ties: higher clean accuracy, then smaller sigma, then the
+    earlier file)."""
+    groups = row_groups(results)
     table = {}
     for label, members in groups.items():
         table[label] = {}
@@ -205,14 +227,20 @@ def best_table(results, radii=None, decimals: int = 1) -> str:
     return _markdown(head, rows, ["---"] + [":---:"] * len(radii))
 
 
-def analyze(paths, radii=None, decimals: int = 1) -> str:
-    """The report of ``dssn analyze``: per-file accuracies and the best-over-sigma table."""
-    results = load_results(paths)
+def _check_not_empty(results) -> None:
     if not results:
         raise ResultsError("no result files given")
     empty = [r.path for r in results if len(r) == 0]
     if empty:
         raise ResultsError(f"no certified images in {', '.join(empty)}")
+
+
+def analyze(paths, radii=None, decimals: int = 1) -> str:
+    """The report of ``dssn analyze``: per-file accuracies and the best-over-sigma table."""
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or decimals < 0:
+        raise ResultsError(f"--decimals must be an integer >= 0, got {decimals!r}")
+    results = load_results(paths)
+    _check_not_empty(results)
     qs = {r.q for r in results}
     radii = default_radii(results) if radii is None else list(radii)
     parts = []
@@ -247,11 +275,31 @@ def _pyplot():
     return plt
 
 
+def check_image_path(out) -> Path:
+    """``out`` as a Path once it can be written (options.check_output_path) and names an
+    image format matplotlib writes (.png, .pdf, .svg, ...); creates nothing."""
+    from .options import WorkflowError, check_output_path
+
+    path = check_output_path(out)
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    fmt = path.suffix[1:].lower()
+    if fmt not in formats:
+        raise WorkflowError(f"--out {out}: unsupported image format "
+                            f"{'.' + fmt if fmt else '(no extension)'}; supported: "
+                            f"{', '.join('.' + f for f in formats)}")
+    return path
+
+
 def plot_curves(results, out, title: str | None = None, envelope: bool = True) -> Path:
-    """PNG of certified accuracy against L1 radius, one line per result file, plus the
-    best-over-sigma envelope (dashed) when there are several files of one label."""
+    """Certified accuracy against L1 radius (PNG, or another format by the suffix of
+    ``out``), one line per result file, plus the best-over-sigma envelope (dashed) of
+    each row group (row_groups) of several files."""
     plt = _pyplot()
-    out = Path(out)
+    out = check_image_path(out)
+    _check_not_empty(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     top = 0.0
     for res in results:
@@ -264,8 +312,7 @@ def plot_curves(results, out, title: str | None = None, envelope: bool = True) -
         ax.step(xs, ys, where="pre", label=label)
     if envelope and len(results) > 1:
         grid = np.unique(np.concatenate([res.curve()[0] for res in results]))
-        for label in dict.fromkeys(res.label for res in results):
-            group = [res for res in results if res.label == label]
+        for label, group in row_groups(results).items():
             if len(group) > 1:
                 env = [max(res.certified_accuracy(x) for res in group) for x in grid]
                 ax.step(np.append(grid, top), np.append(env, 0.0), where="pre", color="black",
@@ -312,7 +359,7 @@ def plot_noise(levels: torch.Tensor, q: int, sigma: float, out, seed: int = 0,
     """PNG like the paper's Figure 3: images (top), under DSSN noise (middle), under
     uniform additive noise of the same sigma, rescaled to [0, 1] (bottom)."""
     plt = _pyplot()
-    out = Path(out)
+    out = check_image_path(out)
     clean, dssn, uniform = noise_examples(levels, q, sigma, seed, noise_seed)
     n = clean.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.8 * n + 1.2, 5.8), dpi=120, squeeze=False)

@@ -1,6 +1,7 @@
 """dssn: train, certify, analyze and plot exact DSSN certificates; run the benchmarks.
 
     dssn train --dataset digits --sigma 0.5 --out runs/digits-0.5.pt
+    dssn train --dataset digits --sigma 0.5 --out runs/digits-0.5.pt --resume   # after a crash
     dssn certify runs/digits-0.5.pt --out runs/digits-0.5.tsv
     dssn analyze runs/digits-*.tsv
     dssn plot curves runs/digits-*.tsv --out runs/curves.png
@@ -9,7 +10,8 @@
     torchrun --nproc_per_node=4 -m dssn_kernels certify model.pt --out results.tsv --max-index 500
 
 User errors (a missing file, a result file of another run, a spec that disagrees with
-the checkpoint, ...) exit with status 2 and a one-line message.
+the checkpoint, an output that exists or is locked by another run, ...) exit with status
+2 and a one-line message, with nothing created or changed.
 """
 from __future__ import annotations
 
@@ -26,11 +28,39 @@ class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2), like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _positive_int(text):
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def _nonnegative_int(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _max_index(text):
+    v = int(text)
+    if v < -1:
+        raise argparse.ArgumentTypeError(f"must be an index >= 0, or -1 for all images; got {v}")
+    return v
+
+
+def _add_threads(p):
+    # also accepted after the subcommand (`dssn certify ... --threads 4`); SUPPRESS keeps
+    # the top-level value when it is not given here
+    p.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
+                   help="torch.set_num_threads(N) (also accepted before the command)")
 
 
 def _add_spec_args(p, what):
@@ -44,11 +74,13 @@ def _add_spec_args(p, what):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
     from .data import DATASETS, SPLITS
     from .checkpoint import ARCHS
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog="`dssn COMMAND --help` describes each command.")
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                epilog="`dssn COMMAND --help` describes each command.")
+    p.add_argument("--version", action="version", version=f"{PROG} (dssn-kernels) {__version__}")
     p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads(N)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -56,7 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trains a base classifier on one random split-noise variant "
                        "per sample and step (the same offsets as certification) and saves a "
                        "checkpoint holding the weights and the smoothing spec.")
-    t.add_argument("--out", required=True, help="checkpoint file to write (e.g. model.pt)")
+    t.add_argument("--out", required=True,
+                   help="checkpoint file to write (e.g. model.pt); an existing file is refused "
+                        "unless --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and start again over an interrupted "
+                        "training's state file instead of resuming it)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from OUT.train-state (written after "
+                        "every epoch; the same options are required); without that file "
+                        "training starts from epoch 1")
     t.add_argument("--dataset", choices=DATASETS, default="digits")
     t.add_argument("--data-root", help="local folder of cifar10 / imagenet (nothing is downloaded)")
     t.add_argument("--arch", choices=sorted(ARCHS),
@@ -78,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     t.add_argument("--workers", type=int, default=0, help="data loader processes (imagenet)")
     t.add_argument("--no-progress", action="store_true")
+    _add_threads(t)
 
     c = sub.add_parser("certify", help="certify a data split with a checkpoint (resumable, shardable)",
                        description="Certifies every image of a data split exactly and writes a TSV "
@@ -92,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", choices=SPLITS, default="test")
     c.add_argument("--skip", type=_positive_int, default=1,
                    help="certify every SKIP-th image (Cohen et al.'s --skip)")
-    c.add_argument("--max", "--max-index", type=int, default=-1, dest="max_index",
+    c.add_argument("--max", "--max-index", type=_max_index, default=-1, dest="max_index",
                    help="stop before image index MAX (Cohen et al.'s --max; -1: all). Under "
                         "torchrun spell it --max-index: torchrun's own parser rejects --max as "
                         "an ambiguous abbreviation of its --max-restarts")
@@ -114,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ambiguous counts (columns num_ambiguous, ambiguous); radius -1/q marks "
                         "an image not certified even at radius 0. Resuming needs the same TAU")
     c.add_argument("--no-progress", action="store_true")
+    _add_threads(c)
 
     a = sub.add_parser("analyze", help="certified accuracy tables (markdown) from result files",
                        description="Certified accuracy at chosen radii per file, and the best "
@@ -122,18 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("files", nargs="+", metavar="[LABEL=]FILE")
     a.add_argument("--radii", type=float, nargs="+",
                    help="L1 radii, [0, 1] scale (default: 0.5 .. 4.0 for q=255, else 8 up to the max)")
-    a.add_argument("--decimals", type=int, default=1, help="decimals of the percentages")
+    a.add_argument("--decimals", type=_nonnegative_int, default=1,
+                   help="decimals of the percentages")
     a.add_argument("--out", help="also write the markdown to this file")
+    _add_threads(a)
 
     pl = sub.add_parser("plot", help="plots (PNG): accuracy-radius curves, noise pictures")
+    _add_threads(pl)
     psub = pl.add_subparsers(dest="plot", metavar="KIND", required=True)
     pc = psub.add_parser("curves", help="certified accuracy against radius, one line per file")
     pc.add_argument("files", nargs="+", metavar="[LABEL=]FILE")
-    pc.add_argument("--out", required=True, help="PNG file")
+    pc.add_argument("--out", required=True, help="image file: .png (or .pdf, .svg, ...)")
     pc.add_argument("--title")
+    _add_threads(pc)
     pn = psub.add_parser("noise", help="images under DSSN noise next to uniform additive noise "
                                        "(the paper's Figure 3)")
-    pn.add_argument("--out", required=True, help="PNG file")
+    pn.add_argument("--out", required=True, help="image file: .png (or .pdf, .svg, ...)")
     pn.add_argument("--dataset", choices=DATASETS, default="digits")
     pn.add_argument("--data-root")
     pn.add_argument("--split", choices=SPLITS, default="test")
@@ -141,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--sigma", type=float, default=3.5, help="default 3.5, as in Figure 3")
     pn.add_argument("--seed", type=int, default=0, help="split-offset seed")
     pn.add_argument("--noise-seed", type=int, default=0, help="seed of the variant / noise draws")
+    _add_threads(pn)
 
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py)",
                        description="Runs benchmarks/run_all.py with this python: DSSN vs "
@@ -156,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "wrn40-2 on a GPU)")
     b.add_argument("--only", nargs="+", metavar="STEP",
                    help="vs_monte_carlo, overhead, overhead_large, micro_ops")
+    _add_threads(b)
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -171,7 +220,8 @@ def cmd_train(args) -> int:
                          optimizer=args.optimizer, augment=args.augment,
                          train_seed=args.train_seed, max_train=args.max_train,
                          data_root=args.data_root, device=args.device, workers=args.workers,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, overwrite=args.overwrite,
+                         resume=args.resume)
     print(f"trained {res['arch']} on {res['num_train']} {args.dataset} images, "
           f"{res['spec'].describe()}, in {res['seconds']:.1f}s (last epoch: loss "
           f"{res['final_loss']:.3f}, accuracy under noise {100 * res['final_noisy_accuracy']:.1f}%)")
@@ -191,9 +241,10 @@ def cmd_certify(args) -> int:
         margin=args.margin)
     if res["rank"] == 0:
         ranks = f" over {res['world_size']} ranks" if res["world_size"] > 1 else ""
-        print(f"certified {res['certified_here']} images{ranks} in {res['seconds']:.1f}s "
-              f"(rank 0); {res['rows']} rows in {res['out']}, clean accuracy "
-              f"{100 * res['clean_accuracy']:.1f}%"
+        clean = (f"clean accuracy {100 * res['clean_accuracy']:.1f}%" if res["rows"]
+                 else "no images certified yet")
+        print(f"certified {res['certified']} images{ranks} in {res['seconds']:.1f}s "
+              f"(rank 0); {res['rows']} rows in {res['out']}, {clean}"
               + (f"; margin {res['margin']:g}: {res['not_certified']} not certified even at "
                  "radius 0" if res["margin"] > 0 else ""))
     return 0
@@ -201,7 +252,10 @@ def cmd_certify(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze
+    from .options import check_output_path
 
+    if args.out is not None:
+        check_output_path(args.out)
     text = analyze(args.files, args.radii, args.decimals)
     print(text, end="")
     if args.out:
@@ -214,6 +268,7 @@ def cmd_analyze(args) -> int:
 def cmd_plot(args) -> int:
     from . import analysis
 
+    analysis.check_image_path(args.out)
     if args.plot == "curves":
         out = analysis.plot_curves(analysis.load_results(args.files), args.out, title=args.title)
     else:
@@ -277,10 +332,14 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as exc:
         return fail(str(exc))
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        return fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        return fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
     except KeyboardInterrupt:
-        hint = "; rerun the same command to resume" if args.command == "certify" else ""
+        hint = {"certify": "; rerun the same command to resume",
+                "train": "; rerun the same command with --resume to continue from the last "
+                         "finished epoch"}.get(args.command, "")
         return fail(f"interrupted{hint}", 130)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    xtr, _, xte, _ = digits_levels()   # without scikit-learn: DatasetError, the CLI's hint
     import sklearn
 
     backends = dk.available_backends()
@@ -90,7 +92,6 @@ def main(argv=None):
     print(f"dssn_kernels {dk.__version__}, torch {torch.__version__}, scikit-learn "
           f"{sklearn.__version__}, python {platform.python_version()}; "
           f"CPU backends {backends} (auto -> {backend}); {torch.get_num_threads()} threads")
-    xtr, _, xte, _ = digits_levels()
     max_index = 100 if args.quick else None
     num_test = min(len(xte), max_index or len(xte))
     print(f"digits: {len(xtr)} train / {num_test} test images, 1x8x8, q={Q}; "
@@ -105,7 +106,7 @@ def main(argv=None):
         ckpt = out / f"digits-sigma{sigma:g}.pt"
         tsv = out / f"digits-sigma{sigma:g}.tsv"
         trained = train(ckpt, dataset="digits", sigma=sigma, epochs=args.epochs,
-                        train_seed=args.seed, device="cpu")
+                        train_seed=args.seed, device="cpu", overwrite=True)
         t0 = time.perf_counter()
         certify_dataset(ckpt, tsv, max_index=max_index, device="cpu", overwrite=True,
                         progress=not args.no_progress)
@@ -154,5 +155,27 @@ def main(argv=None):
     return results
 
 
+def entry() -> int:
+    """``python -m dssn_kernels.workflow.demo``: user errors (scikit-learn missing, a bad
+    --out, ...) are one line on stderr and exit status 2, as with the ``dssn`` command."""
+    from .options import USER_ERRORS
+
+    try:
+        main()
+    except USER_ERRORS as exc:
+        sys.stderr.write(f"python -m dssn_kernels.workflow.demo: error: {exc}\n")
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        sys.stderr.write(f"python -m dssn_kernels.workflow.demo: error: "
+                         f"{exc.strerror or type(exc).__name__}: {exc.filename}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("python -m dssn_kernels.workflow.demo: error: interrupted\n")
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -1,17 +1,32 @@
-"""``dssn train``: trains a base classifier under DSSN noise and writes a checkpoint."""
+"""``dssn train``: trains a base classifier under DSSN noise and writes a checkpoint.
+
+After every epoch the whole training state (weights, optimizer, scheduler, epoch, random
+generators) is written atomically beside the output, ``OUT.train-state``; ``resume=True``
+(``dssn train --resume``) continues from it, ending with the very weights an
+uninterrupted run gives (bit for bit on the CPU). The file is removed once the
+checkpoint is written.
+"""
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..training import training_noise
-from .checkpoint import CheckpointError, SmoothingSpec, build_model, default_model_kwargs, save_checkpoint
+from .checkpoint import (CheckpointError, SmoothingSpec, build_model, default_model_kwargs, plain,
+                         save_checkpoint)
 from .data import INFO, DatasetError, load_dataset
-from .options import WorkflowError, resolve_device
+from .options import WorkflowError, check_output_path, resolve_device
+from .results import _diff
+
+STATE_FORMAT = "dssn-train-state/1"
 
 # Training defaults per data set: the paper's (Table 2, from Yang et al.: SGD with
 # momentum 0.9, nesterov, weight decay 1e-4, lr 0.1, cosine annealing, batch 64) for
@@ -48,18 +63,83 @@ def _batches(dataset, order, batch_size, workers):
             yield dataset.get(idx)
 
 
+def state_path(out) -> Path:
+    """Where the resumable training state of a training into ``out`` is kept."""
+    out = Path(out)
+    return out.with_name(out.name + ".train-state")
+
+
+def _after_epoch(epoch: int) -> None:
+    """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
+
+
+def _check_writable(out: Path) -> None:
+    """Fails before training rather than after it: a file can be created beside ``out``
+    (when its folder exists; check_output_path checked the ancestors of a missing one)."""
+    if not out.parent.is_dir():
+        return
+    try:
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WorkflowError(f"--out {out}: cannot write in {out.parent} "
+                            f"({exc.strerror or exc})") from None
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:   # name the user's file, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise WorkflowError(f"cannot write the training state {path}: "
+                            f"{exc.strerror or exc}") from None
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (a damaged file: say so, never torch's advice)
+        state = None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise WorkflowError(f"{path} is not a readable dssn training state (damaged?); "
+                            "nothing was changed: pass --overwrite without --resume to start "
+                            "again")
+    return state
+
+
 def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, lam=None,
           q: int | None = None, seed: int = 0, epochs: int | None = None,
           batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
           augment: bool | None = None, train_seed: int = 0, max_train: int | None = None,
           data_root=None, device: str | None = "cpu", workers: int = 0,
-          progress: bool = False) -> dict:
+          progress: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
     """Trains a base classifier on one random DSSN variant per sample and step (the
     offsets of ``seed``, as at certification) and saves a checkpoint to ``out``.
 
     ``seed`` is the smoothing seed (split offsets); ``train_seed`` seeds the weights, the
-    shuffling and the noise draws. Returns a summary dict (path, spec, seconds, ...).
+    shuffling and the noise draws. An existing ``out`` is refused unless ``overwrite``.
+    The training state is saved after every epoch to ``state_path(out)``; ``resume``
+    continues from it (the options must be the same; without the file training starts
+    from epoch 1), and a state file is never started over without ``resume`` or
+    ``overwrite``. Returns a summary dict (path, spec, seconds, ...).
     """
+    out = check_output_path(out)
+    state_file = state_path(out)
+    if out.exists() and not overwrite:
+        raise WorkflowError(f"{out} exists; nothing was changed: choose another --out, or pass "
+                            "--overwrite to replace it")
+    if state_file.exists() and not (resume or overwrite):
+        raise WorkflowError(f"{state_file} holds an interrupted training of {out.name}; nothing "
+                            "was changed: pass --resume to continue it, or --overwrite to start "
+                            "again")
+    _check_writable(out)
     ds = load_dataset(dataset, "train", data_root)
     info = INFO[dataset]
     if q is not None and q != ds.q:
@@ -103,13 +183,47 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
         per_step = False
     g = torch.Generator().manual_seed(train_seed)
+    # what a resumed run must share with the interrupted one (the device may differ)
+    settings = plain({"dataset": ds.identity, "arch": arch, "model_kwargs": kwargs,
+                      "spec": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
+                      "optimizer": optimizer, "lr": lr, "augment": bool(augment),
+                      "train_seed": train_seed, "num_train": n})
+    start, seconds_before = 0, 0.0
+    last_loss = last_acc = float("nan")
+    if resume and state_file.exists():
+        state = _read_state(state_file)
+        diffs = [d.replace(" (file) vs ", " (saved) vs ")
+                 for d in _diff(state.get("settings"), settings)]
+        if diffs:
+            raise WorkflowError(
+                f"{state_file} holds a different training ({'; '.join(diffs)}); nothing was "
+                "changed: rerun with its options to resume it, or pass --overwrite without "
+                "--resume to start again")
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            g.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            start, seconds_before = int(state["epoch"]), float(state["seconds"])
+            last_loss, last_acc = float(state["last_loss"]), float(state["last_acc"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise WorkflowError(f"{state_file} does not fit this training ({exc}); nothing was "
+                                "changed: pass --overwrite without --resume to start again") from None
+    elif resume:
+        print(f"dssn train: no training state {state_file} to resume: starting from epoch 1",
+              file=sys.stderr, flush=True)
     loss_fn = nn.CrossEntropyLoss()
     pad = 4 if dataset == "cifar10" else 0
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
-    last_loss = last_acc = float("nan")
-    for _ in range(epochs):
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="train",
+               unit="step", disable=not progress)
+    on_cuda = torch.device(device).type == "cuda"
+    for epoch in range(start, epochs):
         order = torch.randperm(len(ds), generator=g)[:n]
         seen = loss_sum = correct = 0
         for x, y in _batches(ds, order, batch_size, workers):
@@ -132,8 +246,17 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
             sched.step()
         last_loss, last_acc = loss_sum / seen, correct / seen
         bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{last_acc:.3f}")
+        _save_state(state_file, {
+            "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
+            "seconds": seconds_before + time.perf_counter() - t0,
+            "last_loss": last_loss, "last_acc": last_acc,
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"generator": g.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if on_cuda else None}})
+        _after_epoch(epoch + 1)
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = seconds_before + time.perf_counter() - t0
     model.eval()
     import dssn_kernels
 
@@ -142,8 +265,13 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                 "final_loss": last_loss, "final_noisy_accuracy": last_acc, "seconds": seconds,
                 "device": str(device), "torch": str(torch.__version__),
                 "dssn_kernels": dssn_kernels.__version__}
-    path = save_checkpoint(out, model, arch=arch, model_kwargs=kwargs, spec=spec,
-                           dataset=ds.identity, training=training)
+    try:
+        path = save_checkpoint(out, model, arch=arch, model_kwargs=kwargs, spec=spec,
+                               dataset=ds.identity, training=training)
+    except OSError as exc:
+        raise WorkflowError(f"cannot write {out}: {exc.strerror or exc}; the trained model is "
+                            f"kept in {state_file}: rerun with --resume to write it") from None
+    state_file.unlink(missing_ok=True)   # the checkpoint holds the result now
     return {"path": str(path), "spec": spec, "arch": arch, "seconds": seconds,
             "final_loss": last_loss, "final_noisy_accuracy": last_acc, "num_train": n,
             "model": model}

@@ -1,0 +1,292 @@
+"""User errors of the `dssn` command, run as a user runs it, in processes of their own:
+exit status 2, exactly one line on stderr, no traceback, and nothing created or changed
+(every file's bytes and mtime, and the folder listing, compared). Also the output lock
+between two real processes, --version, top-level options after the command, and the
+demo without scikit-learn.
+
+Each `python -m dssn_kernels` costs seconds of CPU to import torch, so the many error
+cases run in one subprocess that imports once and forks a child per case, which runs
+`python -m dssn_kernels ARGS` as the interpreter does (runpy; an uncaught exception
+prints its traceback and exits 1); some cases also run as a plain `python -m
+dssn_kernels`, checked to say the same.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+import dssn_kernels  # noqa: E402
+from dssn_kernels.workflow import cli  # noqa: E402
+from dssn_kernels.workflow.models import SmallCNN  # noqa: E402
+from dssn_kernels.workflow.results import COLUMN_LINE, lock_path, read_results  # noqa: E402
+from testkit import tiny_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+
+def env_without_launcher(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def dssn(args, cwd, env=None, module="dssn_kernels"):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env or env_without_launcher())
+
+
+# python -c FORK_RUNNER CASES_JSON OUT_DIR: {name: [args]} -> OUT_DIR/name.{out,err,code}
+FORK_RUNNER = r"""
+import json, os, runpy, sys, traceback
+import dssn_kernels.workflow.analysis, dssn_kernels.workflow.certify_data  # noqa (shared imports)
+import dssn_kernels.workflow.cli, dssn_kernels.workflow.trainer  # noqa
+import sklearn.datasets, sklearn.model_selection  # noqa
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+for name, args in cases.items():
+    pid = os.fork()
+    if pid == 0:
+        for fd, ext in ((1, "out"), (2, "err")):
+            f = os.open(os.path.join(out, f"{name}.{ext}"), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.dup2(f, fd)
+        sys.argv = ["dssn_kernels", *args]
+        try:
+            runpy.run_module("dssn_kernels", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (exc.code is not None)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    with open(os.path.join(out, f"{name}.code"), "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+def dssn_cases(cases, cwd, scratch):
+    """{name: result with returncode, stdout, stderr} of ``python -m dssn_kernels ARGS``
+    for each {name: ARGS}, every one in a process of its own (FORK_RUNNER)."""
+    scratch.mkdir()
+    r = subprocess.run([sys.executable, "-c", FORK_RUNNER, json.dumps(cases), str(scratch)],
+                       cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env=env_without_launcher())
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = lambda name, ext: (scratch / f"{name}.{ext}").read_text()  # noqa: E731
+    return {name: SimpleNamespace(returncode=int(read(name, "code")), stdout=read(name, "out"),
+                                  stderr=read(name, "err")) for name in cases}
+
+
+def snapshot(root):
+    """Every file under ``root``: (bytes, mtime); and every folder."""
+    files, folders = {}, set()
+    for folder, dirs, names in os.walk(root):
+        folders.add(os.path.relpath(folder, root))
+        for name in names:
+            p = os.path.join(folder, name)
+            with open(p, "rb") as f:
+                files[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+    return files, folders
+
+
+def one_line_error(r, *patterns, absent=()):
+    """'' when ``r`` is a clean refusal holding ``patterns``, else what is wrong."""
+    lines = r.stderr.splitlines()
+    if r.returncode != 2:
+        return f"exit status {r.returncode}: {r.stderr[-2000:]}"
+    if len(lines) != 1 or "Traceback" in r.stderr:
+        return f"not one line: {r.stderr[-2000:]}"
+    missing = [p for p in patterns if p not in lines[0]]
+    present = [p for p in absent if p in lines[0]]
+    return f"{lines[0]!r} lacks {missing} or has {present}" if missing or present else ""
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A folder with a checkpoint, result files (good, empty, torn), non-checkpoints."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    assert cli.main(["certify", str(ckpt), "--out", str(tmp_path / "r.tsv"), "--max", "4",
+                     "--no-progress"]) == 0
+    text = (tmp_path / "r.tsv").read_text()
+    header = text.splitlines(keepends=True)[0]
+    for name in ("skip.tsv", "max.tsv", "torn2-resume.tsv"):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "empty.tsv").write_text(header + COLUMN_LINE + "\n")
+    (tmp_path / "torn1.tsv").write_text(header[:40])                  # a torn header
+    (tmp_path / "torn1-resume.tsv").write_text(header[:40])
+    (tmp_path / "torn2.tsv").write_text(header + COLUMN_LINE[:8])      # a torn column line
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    (tmp_path / "random.pt").write_bytes(os.urandom(300))
+    (tmp_path / "text.pt").write_text("hello, I am text\n")
+    torch.save(SmallCNN(), tmp_path / "module.pt")                     # a whole pickled model
+    return tmp_path
+
+
+CASES = {
+    # --out: parent a file, empty; for each command that writes
+    "certify-out-parent-file": (["certify", "m.pt", "--out", "afile/x.tsv"],
+                                ["--out afile/x.tsv", "afile is a file, not a folder"]),
+    "certify-out-empty": (["certify", "m.pt", "--out", ""], ["--out is empty"]),
+    "train-out-parent-file": (["train", "--sigma", "0.5", "--out", "afile/m.pt"],
+                              ["afile is a file, not a folder"]),
+    "train-out-empty": (["train", "--sigma", "0.5", "--out", ""], ["--out is empty"]),
+    "train-out-exists": (["train", "--sigma", "0.5", "--out", "m.pt"], ["m.pt exists", "--overwrite"]),
+    "analyze-out-parent-file": (["analyze", "r.tsv", "--out", "afile/t.md"], ["afile is a file"]),
+    "plot-out-parent-file": (["plot", "curves", "r.tsv", "--out", "afile/c.png"], ["afile is a file"]),
+    "plot-out-folder": (["plot", "noise", "--out", "."], ["is a folder"]),
+    # options out of range
+    "analyze-decimals": (["analyze", "r.tsv", "--decimals", "-2"], ["--decimals", ">= 0", "-2"]),
+    "plot-format": (["plot", "curves", "r.tsv", "--out", "c.txt"],
+                    ["unsupported image format .txt", ".png", ".pdf", ".svg"]),
+    "max-negative": (["certify", "m.pt", "--out", "new.tsv", "--max", "-5"], ["--max", "-1 for all"]),
+    "max-zero": (["certify", "m.pt", "--out", "new.tsv", "--max", "0"], ["no images selected"]),
+    "threads-after-command": (["analyze", "r.tsv", "--threads", "0"], ["--threads", ">= 1"]),
+    "no-command": ([], ["required"]),
+    # not checkpoints
+    "ckpt-random-bytes": (["certify", "random.pt", "--out", "new.tsv"],
+                          ["random.pt is not a loadable dssn checkpoint"]),
+    "ckpt-text": (["certify", "text.pt", "--out", "new.tsv"], ["text.pt is not a loadable dssn checkpoint"]),
+    "ckpt-pickled-module": (["certify", "module.pt", "--out", "new.tsv"],
+                            ["module.pt is not a loadable dssn checkpoint", "SmallCNN"]),
+    # result files: no rows, torn header or column line, another selection
+    "plot-no-rows": (["plot", "curves", "empty.tsv", "--out", "c.png"], ["no certified images", "empty.tsv"]),
+    "analyze-torn-header": (["analyze", "torn1.tsv"], ["line 1, the header, is incomplete", "--overwrite"]),
+    "certify-torn-header": (["certify", "m.pt", "--out", "torn1-resume.tsv"],
+                            ["line 1, the header, is incomplete", "--overwrite"]),
+    "analyze-torn-columns": (["analyze", "torn2.tsv"], ["line 2, the column line, is incomplete",
+                                                        "--overwrite"]),
+    "another-skip": (["certify", "m.pt", "--out", "skip.tsv", "--max", "4", "--skip", "2"],
+                     ["another selection", "--skip 1 --max 4"]),
+    "smaller-max": (["certify", "m.pt", "--out", "max.tsv", "--max", "2"],
+                    ["another selection", "--skip 1 --max 4"]),
+}
+NEVER = ("Traceback", "weights_only", "add_safe_globals", "merge-tmp", ".tmp", ".probe")
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the case runner forks")
+def test_user_errors_are_one_line_and_change_nothing(workdir, tmp_path_factory):
+    cases = {name: args + (["--no-progress"] if args[:1] in (["certify"], ["train"]) else [])
+             for name, (args, _) in CASES.items()}
+    patterns = {name: pats for name, (_, pats) in CASES.items()}
+    # an output folder nobody may write: mode 555, or for root (who writes anyway) /proc
+    ro = "/proc" if ROOT else str(workdir / "ro")
+    if ROOT and not os.path.isdir("/proc/self"):
+        ro = None
+    elif not ROOT:
+        os.mkdir(ro)
+        os.chmod(ro, 0o555)
+    if ro is not None:
+        for cmd, out in (("certify", "x.tsv"), ("train", "m.pt"), ("analyze", "t.md")):
+            args = {"certify": ["certify", "m.pt", "--no-progress"],
+                    "train": ["train", "--sigma", "0.5", "--no-progress"],
+                    "analyze": ["analyze", "r.tsv"]}[cmd]
+            cases[f"unwritable-{cmd}"] = args + ["--out", f"{ro}/{out}"]
+            patterns[f"unwritable-{cmd}"] = [f"{ro}/{out}"]
+    # and what must work: --threads before or after the command, a missing output folder
+    # (created), all writing outside the folder under test
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    ok = {"threads-before": ["--threads", "1", "analyze", "r.tsv"],
+          "threads-after": ["analyze", "r.tsv", "--threads", "1"],
+          "new-folders": ["certify", "m.pt", "--out", str(elsewhere / "new/sub/r.tsv"), "--max",
+                          "3", "--no-progress", "--threads", "1"]}
+    before = snapshot(workdir)
+    try:
+        results = dssn_cases({**cases, **ok}, workdir, tmp_path_factory.mktemp("runner") / "out")
+    finally:
+        if not ROOT:
+            os.chmod(workdir / "ro", 0o755)
+    problems = {name: one_line_error(results[name], *patterns[name], absent=NEVER)
+                for name in cases}
+    assert {k: v for k, v in problems.items() if v} == {}
+    after = snapshot(workdir)
+    assert after[1] == before[1], "folders created or removed"
+    assert after[0].keys() == before[0].keys(), "files created or removed"
+    changed = [name for name in before[0] if after[0][name] != before[0][name]]
+    assert changed == []
+
+    assert all(results[k].returncode == 0 for k in ok), {k: results[k].stderr for k in ok}
+    assert results["threads-before"].stdout == results["threads-after"].stdout
+    assert "| r.tsv |" in results["threads-after"].stdout
+    assert [row.idx for row in read_results(elsewhere / "new/sub/r.tsv").rows] == [0, 1, 2]
+
+    # a plain `python -m dssn_kernels` says the same as the runner's child
+    for name in ("ckpt-pickled-module", "threads-after-command"):
+        r = dssn(cases[name], workdir)
+        assert (r.returncode, r.stderr) == (results[name].returncode, results[name].stderr)
+    assert snapshot(workdir) == after
+
+
+def test_version_and_top_level_options_after_the_command(tmp_path):
+    version = f"dssn (dssn-kernels) {dssn_kernels.__version__}"
+    r = dssn(["--version"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == version, r.stderr
+    script = os.path.join(os.path.dirname(sys.executable), "dssn")   # the installed command
+    if os.path.exists(script):
+        r = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == version, r.stderr
+    # top-level options after the command too (run: test_user_errors_...)
+    assert cli.build_parser().parse_args(["plot", "curves", "r.tsv", "--out", "c.png",
+                                          "--threads", "3"]).threads == 3
+    assert cli.build_parser().parse_args(["--threads", "2", "bench"]).threads == 2
+
+
+def test_demo_without_scikit_learn_says_what_the_cli_says(tmp_path):
+    fake = tmp_path / "fake" / "sklearn"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'sklearn'\", name='sklearn')\n")
+    env = env_without_launcher(PYTHONPATH=str(tmp_path / "fake"))
+    demo = dssn(["--quick", "--out", "runs"], tmp_path, env=env, module="dssn_kernels.workflow.demo")
+    train = dssn(["train", "--sigma", "0.5", "--out", "m.pt"], tmp_path, env=env)
+    hint = "the digits data set needs scikit-learn: pip install 'dssn-kernels[demo]'"
+    assert one_line_error(demo, hint) == "" and one_line_error(train, hint) == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake"]
+
+
+HOLDER = """
+import sys
+from dssn_kernels.workflow.results import OutputLock
+lock = OutputLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()          # hold the lock until the test closes stdin (or kills us)
+lock.release()
+"""
+
+
+def test_a_second_certify_on_a_locked_output_fails_at_once(workdir):
+    out = workdir / "r.tsv"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env_without_launcher())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(workdir)
+        r = dssn(["certify", "m.pt", "--out", "r.tsv", "--max", "8", "--no-progress"], workdir)
+        assert one_line_error(r, "r.tsv is in use", f"pid {holder.pid} on", "since") == ""
+        assert snapshot(workdir) == before
+        # the holder dies without releasing (kill -9): its lock file stays, but the OS has
+        # dropped the lock, so the next run takes it over and resumes
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        assert lock_path(out).exists()
+        r = dssn(["certify", "m.pt", "--out", "r.tsv", "--max", "8", "--no-progress"], workdir)
+        assert r.returncode == 0 and "certified 4 images" in r.stdout, r.stderr
+        assert not lock_path(out).exists()
+        assert [row.idx for row in read_results(out).rows] == list(range(8))
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=60)

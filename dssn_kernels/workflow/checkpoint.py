@@ -4,7 +4,7 @@ A checkpoint is a dict of plain types plus a state_dict, so ``torch.load(path,
 weights_only=True)`` reads it (no pickled code runs)::
 
     {"format": "dssn-checkpoint/1",
-     "model": {"arch": "small_cnn" | "wrn40_2" | "resnet50", "kwargs": {...}},
+     "model": {"arch": "small_cnn" | "wrn40_2" | "resnet50" | "denoised", "kwargs": {...}},
      "spec": {"sigma": 0.5 (or "lam": ...), "q": 16, "seed": 0, "L": 27,
               "input_shape": [1, 8, 8], "num_classes": 10},
      "dataset": {"name": "digits", "split": "train", ...},
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .models import SmallCNN, normalized, resnet50, wrn40_2
+from .models import DnCNN, SmallCNN, denoised, normalized, resnet50, wrn40_2
 from ..checks import check_seed
 from ..spec import lam_from_sigma, num_variants, sigma_from_lam
 
@@ -152,7 +152,27 @@ def _resnet50(num_classes, mean, std):
     return normalized(resnet50(num_classes), mean, std)
 
 
-ARCHS = {"small_cnn": _small_cnn, "wrn40_2": _wrn40_2, "resnet50": _resnet50}
+DENOISER_ARCHS = {"dncnn": DnCNN}
+
+
+def _denoised(denoiser: dict, classifier: dict):
+    """A denoiser (``{"arch": "dncnn", "kwargs": {...}}``) in front of a classifier
+    (``{"arch": one of ARCHS, "kwargs": {...}}``): ``models.denoised(...)``, state_dict
+    keys ``denoiser.*`` and ``classifier.*`` (written by ``dssn train-denoiser``)."""
+    parts = []
+    for what, entry, table in (("denoiser", denoiser, DENOISER_ARCHS),
+                               ("classifier", classifier, ARCHS)):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("arch"), str)
+                or not isinstance(entry.get("kwargs"), dict)):
+            raise TypeError(f"the {what} must be {{'arch': ..., 'kwargs': {{...}}}}, got {entry!r}")
+        if entry["arch"] not in table or entry["arch"] == "denoised":
+            raise TypeError(f"unknown {what} architecture {entry['arch']!r}")
+        parts.append(table[entry["arch"]](**entry["kwargs"]))
+    return denoised(*parts)
+
+
+ARCHS = {"small_cnn": _small_cnn, "wrn40_2": _wrn40_2, "resnet50": _resnet50,
+         "denoised": _denoised}
 
 
 def default_model_kwargs(arch: str, input_shape, num_classes: int, mean, std) -> dict:
@@ -166,6 +186,9 @@ def default_model_kwargs(arch: str, input_shape, num_classes: int, mean, std) ->
         if c != 3:
             raise CheckpointError(f"resnet50 takes 3-channel images, the data has {c}")
         return {"num_classes": num_classes, "mean": list(mean), "std": list(std)}
+    if arch == "denoised":
+        raise CheckpointError("a denoised model is trained with `dssn train-denoiser "
+                              "CLASSIFIER.pt`, not `dssn train`")
     raise CheckpointError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
@@ -277,6 +300,7 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CheckpointError", "FORMAT", "SmoothingSpec", "SpecMismatchError", "build_model",
+__all__ = ["ARCHS", "CheckpointError", "DENOISER_ARCHS", "FORMAT", "SmoothingSpec",
+           "SpecMismatchError", "build_model",
            "default_model_kwargs", "file_sha256", "load_checkpoint", "model_from_checkpoint",
            "read_checkpoint", "save_checkpoint"]

@@ -10,6 +10,8 @@
 * ``Normalize(mean, std)`` and ``normalized(net, mean, std)``: per-channel normalization
   in front of a bare network, as ``nn.Sequential(norm=Normalize, model=net)`` (keys
   ``norm.mean``, ``norm.std``, ``model.*``).
+* ``DnCNN`` (Zhang et al. 2017, Salman et al. 2020's denoiser) and ``denoised(denoiser,
+  classifier)``: a denoiser in front of a classifier as one base model.
 * ``convert_released_state_dict``: maps a state_dict saved by the paper's released code
   (``norm.module.mu``/``log_sig``, ``model.module.*``) onto ``normalized(...)``.
 """
@@ -262,3 +264,56 @@ def convert_released_state_dict(state_dict: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Denoisers for denoised smoothing (Salman et al. 2020; the DSSN paper's Appendix D).
+
+
+class DnCNN(nn.Module):
+    """DnCNN (Zhang et al. 2017) as used by Salman et al. (2020): ``depth`` 3x3 conv
+    layers of ``width`` channels (conv + ReLU, then depth - 2 x (conv + batch-norm +
+    ReLU), then conv back to ``in_channels``) estimating the noise, and the residual
+    output ``x - noise_estimate``. The defaults (17 layers, 64 channels) are the paper's;
+    digits uses a smaller one.
+
+    Range: the output is clamped to [0, 1] (``clamp=True``, the default), so the
+    classifier behind it always sees images of the range it was trained on; Salman et
+    al.'s outputs are unclamped (``clamp=False``). Batch-norm runs on its running
+    statistics in eval mode, so at certification one image's output never depends on
+    the rest of its batch.
+    """
+
+    def __init__(self, in_channels: int = 1, depth: int = 17, width: int = 64,
+                 clamp: bool = True):
+        super().__init__()
+        if depth < 2 or width < 1:
+            raise ValueError(f"DnCNN needs depth >= 2 and width >= 1, got {depth}, {width}")
+        layers = [nn.Conv2d(in_channels, width, 3, padding=1, bias=True), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width, eps=1e-4, momentum=0.95), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(width, in_channels, 3, padding=1, bias=False))
+        self.dncnn = nn.Sequential(*layers)
+        self.clamp = bool(clamp)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.orthogonal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x - self.dncnn(x)
+        return out.clamp(0.0, 1.0) if self.clamp else out
+
+    def extra_repr(self) -> str:
+        return f"clamp={self.clamp}"
+
+
+def denoised(denoiser: nn.Module, classifier: nn.Module) -> nn.Sequential:
+    """``classifier`` behind ``denoiser``, one base model for DSSN: [0, 1] images (noised
+    at certification) -> logits, as ``nn.Sequential(denoiser=..., classifier=...)``."""
+    return nn.Sequential(OrderedDict(denoiser=denoiser, classifier=classifier))

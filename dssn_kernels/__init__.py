@@ -12,15 +12,17 @@ from .certify import Certificate, certificate_from_counts, certify, variants
 from .early_exit import Decision, Prediction, certify_at, predict
 from .smooth import DSSN
 from .spec import lam_from_sigma, num_variants, sigma_from_lam, split_offsets
-from .training import training_noise
+from .noises import NOISES, ssn_noise, uniform_noise
+from .training import stability_loss, training_noise
 
 __version__ = "0.1.0"
 
 native_extension_error()  # registers torch.ops.dssn.* when the extension is built
 
 __all__ = [
-    "BackendUnavailableError", "Certificate", "DSSN", "Decision", "NativeExtensionWarning",
-    "Prediction", "available_backends", "certificate_from_counts", "certify", "certify_at",
+    "BackendUnavailableError", "Certificate", "DSSN", "Decision", "NOISES",
+    "NativeExtensionWarning", "Prediction", "available_backends", "certificate_from_counts",
+    "certify", "certify_at",
     "lam_from_sigma", "num_variants", "predict", "sigma_from_lam", "split_offsets",
-    "training_noise", "variants",
+    "ssn_noise", "stability_loss", "training_noise", "uniform_noise", "variants",
 ]

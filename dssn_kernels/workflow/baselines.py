@@ -4,6 +4,8 @@ DSSN so that timings compare like with like.
 * ``certify_uniform``: Yang et al. (2020), additive uniform noise U(-lam, lam)^d.
 * ``certify_ssn``: randomized SSN with independent splits (Levine & Feizi, eqs. 27-28).
 
+Both draw their noise from dssn_kernels/noises.py, the functions training uses.
+
 Both follow Yang et al.'s certification (Cohen et al.'s CERTIFY with their bound): the
 top class is the argmax of n0 votes, and p_A is bounded below by the lower end of the
 two-sided Clopper-Pearson (exact, "beta") interval at level 1 - alpha from n fresh votes,
@@ -23,7 +25,8 @@ from scipy.stats import binomtest
 
 from ..backends import resolve_backend
 from ..checks import check_batch_size, check_eval_mode, check_generator
-from ..pipeline import run_votes
+from ..noises import ssn_noise, uniform_noise
+from ..pipeline import ModelCall, run_votes
 from ..spec import lam_from_sigma
 
 ABSTAIN = -1
@@ -66,10 +69,12 @@ def _check_args(x, sigma, n0, n, alpha):
         raise ValueError(f"alpha must be a float in (0, 0.5), got {alpha!r}")
 
 
-def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, progress, desc):
+def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, progress, desc,
+                compile=False, autocast=None):
     _check_args(x, sigma, n0, n, alpha)
     batch_size = check_batch_size(batch_size)
     generator = check_generator(generator)
+    call = ModelCall.checked(autocast=autocast, compile=compile)
     check_eval_mode(model)
     backend = resolve_backend("auto", x.device)
     lam = lam_from_sigma(sigma)
@@ -82,7 +87,7 @@ def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, 
     def votes(per_image, num_classes=None):
         return run_votes(model, fill, num_images=x.shape[0], per_image=per_image, shape=shape,
                          batch_size=batch_size, backend=backend, device=x.device,
-                         num_classes=num_classes, progress=progress, desc=desc)
+                         num_classes=num_classes, progress=progress, desc=desc, call=call)
 
     selection = votes(n0)
     counts = votes(n, selection.shape[1])
@@ -97,33 +102,29 @@ def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, 
 
 
 def _uniform_noise(out, x, lam, generator):
-    """x + U(-lam, lam) per pixel, independently for every input."""
-    torch.rand(out.shape, generator=generator, out=out, device=out.device)
-    out.mul_(2 * lam).sub_(lam).add_(x)
+    uniform_noise(x, lam, generator=generator, out=out)
 
 
 def _ssn_noise(out, x, lam, generator):
-    """Eqs. 27-28 with independent splits s_i ~ U(0, 2 lam) for every pixel and input."""
-    two_lam = 2 * lam
-    torch.rand(out.shape, generator=generator, out=out, device=out.device)
-    s = out.mul_(two_lam)
-    c = torch.ceil((x - s) / two_lam)
-    upper = torch.clamp(two_lam * c + s, max=1.0)
-    lower = torch.clamp(two_lam * (c - 1) + s, min=0.0)
-    torch.mul(upper + lower, 0.5, out=out)
+    ssn_noise(x, lam, generator=generator, out=out)
 
 
 def certify_uniform(model, x, *, sigma, n0=64, n=100_000, alpha=0.001, batch_size=None,
-                    generator=None, progress=False) -> MonteCarloCertificate:
-    """Yang et al. (2020) uniform-noise L1 certificate by Monte Carlo (n0 + n forwards)."""
+                    generator=None, progress=False, compile=False,
+                    autocast=None) -> MonteCarloCertificate:
+    """Yang et al. (2020) uniform-noise L1 certificate by Monte Carlo (n0 + n forwards).
+    ``compile``, ``autocast``: how the model runs, as in dk.certify (compiled once for the
+    workspace's shape, shared by the selection and estimation passes)."""
     return _certify_mc(model, x, _uniform_noise, sigma=sigma, n0=n0, n=n, alpha=alpha,
                        batch_size=batch_size, generator=generator, progress=progress,
-                       desc="uniform")
+                       desc="uniform", compile=compile, autocast=autocast)
 
 
 def certify_ssn(model, x, *, sigma, n0=64, n=100_000, alpha=0.001, batch_size=None,
-                generator=None, progress=False) -> MonteCarloCertificate:
-    """Randomized SSN (independent splits) L1 certificate by Monte Carlo."""
+                generator=None, progress=False, compile=False,
+                autocast=None) -> MonteCarloCertificate:
+    """Randomized SSN (independent splits) L1 certificate by Monte Carlo (``compile``,
+    ``autocast`` as in certify_uniform)."""
     return _certify_mc(model, x, _ssn_noise, sigma=sigma, n0=n0, n=n, alpha=alpha,
                        batch_size=batch_size, generator=generator, progress=progress,
-                       desc="ssn")
+                       desc="ssn", compile=compile, autocast=autocast)

@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", dest="augment", action="store_false")
     t.add_argument("--train-seed", type=int, default=0,
                    help="seed of weight init, shuffling and noise draws (default 0)")
+    t.add_argument("--noise", choices=("dssn", "ssn", "uniform"), default="dssn",
+                   help="training noise: dssn (one DSSN variant per image; default), ssn "
+                        "(independent SSN) or uniform (x + U(-lambda, lambda)^d, Yang et al.)")
+    t.add_argument("--stability", action="store_true",
+                   help="stability training (Li et al. 2019): two noise draws per image, "
+                        "loss CE(f(x1), y) + W * KL(f(x1) || f(x2))")
+    t.add_argument("--stability-weight", type=float, default=6.0, metavar="W",
+                   help="W of --stability (default 6)")
     t.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     t.add_argument("--workers", type=int, default=0, help="data loader processes (imagenet)")
@@ -221,7 +229,8 @@ def cmd_train(args) -> int:
                          train_seed=args.train_seed, max_train=args.max_train,
                          data_root=args.data_root, device=args.device, workers=args.workers,
                          progress=not args.no_progress, overwrite=args.overwrite,
-                         resume=args.resume)
+                         resume=args.resume, noise=args.noise, stability=args.stability,
+                         stability_weight=args.stability_weight)
     print(f"trained {res['arch']} on {res['num_train']} {args.dataset} images, "
           f"{res['spec'].describe()}, in {res['seconds']:.1f}s (last epoch: loss "
           f"{res['final_loss']:.3f}, accuracy under noise {100 * res['final_noisy_accuracy']:.1f}%)")

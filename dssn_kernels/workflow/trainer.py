@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..training import training_noise
+from ..noises import NOISES
+from ..training import stability_loss, training_noise
 from .checkpoint import (CheckpointError, SmoothingSpec, build_model, default_model_kwargs, plain,
                          save_checkpoint)
 from .data import INFO, DatasetError, load_dataset
@@ -61,6 +62,15 @@ def _batches(dataset, order, batch_size, workers):
     else:
         for idx in chunks:
             yield dataset.get(idx)
+
+
+def _noise_settings(noise: str, stability: bool, weight: float) -> dict:
+    """The training noise and stability training as the checkpoint's ``training`` dict
+    and the resume check record them (the weight only with stability training)."""
+    d = {"noise": noise, "stability": stability}
+    if stability:
+        d["stability_weight"] = weight
+    return d
 
 
 def state_path(out) -> Path:
@@ -119,9 +129,15 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
           batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
           augment: bool | None = None, train_seed: int = 0, max_train: int | None = None,
           data_root=None, device: str | None = "cpu", workers: int = 0,
-          progress: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
+          progress: bool = False, overwrite: bool = False, resume: bool = False,
+          noise: str = "dssn", stability: bool = False, stability_weight: float = 6.0) -> dict:
     """Trains a base classifier on one random DSSN variant per sample and step (the
     offsets of ``seed``, as at certification) and saves a checkpoint to ``out``.
+
+    ``noise``: "dssn" (that), "ssn" (independent SSN) or "uniform" (Yang et al.), the
+    noises of dssn_kernels/noises.py that the Monte Carlo certifiers sample.
+    ``stability``: stability training (Li et al. 2019): two independent noise draws of
+    every image, loss = CE(f(x1), y) + ``stability_weight`` * KL(f(x1) || f(x2)).
 
     ``seed`` is the smoothing seed (split offsets); ``train_seed`` seeds the weights, the
     shuffling and the noise draws. An existing ``out`` is refused unless ``overwrite``.
@@ -163,6 +179,13 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                            f"{batch_size}, {lr})")
     if optimizer not in ("adam", "sgd"):
         raise WorkflowError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+    if noise not in NOISES:
+        raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
+    stability = bool(stability)
+    if isinstance(stability_weight, bool) or not isinstance(stability_weight, (int, float)) \
+            or not math.isfinite(stability_weight) or stability_weight < 0:
+        raise WorkflowError(f"--stability-weight must be a number >= 0, got {stability_weight!r}")
+    stability_weight = float(stability_weight)
     device = resolve_device(device)
     kwargs = default_model_kwargs(arch, ds.input_shape, ds.num_classes, info["mean"], info["std"])
 
@@ -187,7 +210,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     settings = plain({"dataset": ds.identity, "arch": arch, "model_kwargs": kwargs,
                       "spec": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
                       "optimizer": optimizer, "lr": lr, "augment": bool(augment),
-                      "train_seed": train_seed, "num_train": n})
+                      "train_seed": train_seed, "num_train": n, **_noise_settings(
+                          noise, stability, stability_weight)})
     start, seconds_before = 0, 0.0
     last_loss = last_acc = float("nan")
     if resume and state_file.exists():
@@ -217,6 +241,12 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
         print(f"dssn train: no training state {state_file} to resume: starting from epoch 1",
               file=sys.stderr, flush=True)
     loss_fn = nn.CrossEntropyLoss()
+    noise_kwargs = (spec.certify_kwargs() if noise == "dssn"
+                    else {"lam": spec.lam_value, "q": spec.q})
+
+    def draw(x, gen):
+        return training_noise(x, generator=gen, noise=noise, **noise_kwargs).to(device)
+
     pad = 4 if dataset == "cifar10" else 0
     t0 = time.perf_counter()
     model.train()
@@ -229,10 +259,12 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
         for x, y in _batches(ds, order, batch_size, workers):
             if augment:
                 x = _augment(x, g, pad)
-            noisy = training_noise(x, generator=g, **spec.certify_kwargs()).to(device)
             y = y.to(device)
-            logits = model(noisy)
-            loss = loss_fn(logits, y)
+            logits = model(draw(x, g))
+            if stability:
+                loss = stability_loss(logits, model(draw(x, g)), y, weight=stability_weight)
+            else:
+                loss = loss_fn(logits, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -262,6 +294,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
 
     training = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
                 "augment": bool(augment), "train_seed": train_seed, "num_train": n,
+                **_noise_settings(noise, stability, stability_weight),
                 "final_loss": last_loss, "final_noisy_accuracy": last_acc, "seconds": seconds,
                 "device": str(device), "torch": str(torch.__version__),
                 "dssn_kernels": dssn_kernels.__version__}

@@ -125,11 +125,14 @@ TOP_FILES = ("setup.py", "pyproject.toml", "Makefile", "README.md", "requirement
 
 def named_paths(path):
     """(line, path) for every backticked repository path in ``path``; ``a/b.py::name``
-    and ``a/b.py (...)`` forms are reduced to the file."""
+    and ``a/b.py (...)`` forms are reduced to the file, and a bare ``test_*.py`` is a file
+    of tests/."""
     out = []
     text = read(path)
     for match in re.finditer(r"`([^`\n]+)`", text):
         token = match.group(1).split("::")[0].split(" ")[0].rstrip(",.;:")
+        if re.fullmatch(r"test_\w+\.py", token):
+            token = "tests/" + token
         if token.startswith(TOP) or token in TOP_FILES:
             out.append((line_of(text, match.start()), token))
     return out
@@ -153,11 +156,13 @@ def _globless(token):
 
 
 def test_tests_readme_names_every_test_file():
+    """Each test file of the repository has its line in tests/README.md's module table."""
     text = read(TESTS_README)
-    here = sorted(f for f in os.listdir(os.path.join(ROOT, "tests"))
-                  if f.startswith("test_") and f.endswith(".py"))
-    absent = [f for f in here if f not in text]
-    assert not absent, f"tests/README.md does not mention: {', '.join(absent)}"
+    here = sorted(os.path.basename(p) for p in FILES
+                  if re.fullmatch(r"tests/test_\w+\.py", p))
+    absent = [f for f in here if f"`{f}`" not in text]
+    assert not absent, ("tests/README.md does not say what these test files cover (add them "
+                        f"to its module table): {', '.join(absent)}")
 
 
 @pytest.mark.parametrize("doc", [DESIGN, TESTS_README], ids=["DESIGN", "tests-README"])

@@ -6,27 +6,72 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..backends import resolve_backend
 from ..certify import certify
 from ..checks import check_margin
+from ..spec import lam_from_sigma
 from .checkpoint import SmoothingSpec, file_sha256, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
 from .distributed import Context
 from .options import USER_ERRORS, WorkflowError, check_output_path, resolve_device
-from .results import (OutputLock, ResultsWriter, consolidate, format_row, merge_rows, meta_margin,
-                      part_path, read_for_resume, read_results, selection, write_atomic)
+from .results import (OutputLock, ResultsWriter, consolidate, format_row, mc_certificate,
+                      merge_rows, meta_margin, part_path, read_for_resume, read_results, selection,
+                      write_atomic)
+
+METHODS = ("dssn", "ssn", "uniform")
+MC_DEFAULTS = {"n0": 64, "n": 100_000, "alpha": 0.001}
+
+
+def image_generator(noise_seed: int, idx: int, device) -> torch.Generator:
+    """The Monte Carlo noise generator of image ``idx``: seeded by (noise seed, index)
+    alone, so a resumed or sharded run draws every image's noise as one uninterrupted
+    process does."""
+    state = np.random.SeedSequence([int(noise_seed), int(idx)]).generate_state(2, np.uint32)
+    seed = (int(state[0]) << 31) ^ int(state[1])   # < 2**63
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _monte_carlo(method, n0, n, alpha, noise_seed, margin) -> dict | None:
+    """The header's Monte Carlo parameters for ``method`` (None for dssn), checked."""
+    if method not in METHODS:
+        raise WorkflowError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    given = {k: v for k, v in (("n0", n0), ("n", n), ("alpha", alpha)) if v is not None}
+    if method == "dssn":
+        if given:
+            raise WorkflowError(f"--{' --'.join(given)} apply to the Monte Carlo methods (--method "
+                                "ssn or uniform); DSSN certificates are exact")
+        return None
+    if margin:
+        raise WorkflowError("--margin applies to DSSN certificates only, not to --method "
+                            f"{method}")
+    mc = {**MC_DEFAULTS, **given}
+    for k in ("n0", "n"):
+        if isinstance(mc[k], bool) or not isinstance(mc[k], int) or mc[k] < 1:
+            raise WorkflowError(f"--{k} must be a positive integer, got {mc[k]!r}")
+    if not isinstance(mc["alpha"], float) or not 0 < mc["alpha"] < 0.5:
+        raise WorkflowError(f"--alpha must lie in (0, 0.5), got {mc['alpha']!r}")
+    if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
+        raise WorkflowError(f"--noise-seed must be an integer >= 0, got {noise_seed!r}")
+    return {"n0": int(mc["n0"]), "n": int(mc["n"]), "alpha": float(mc["alpha"]),
+            "noise_seed": int(noise_seed)}
 
 
 def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: dict,
-                 margin: float = 0.0, selection: dict | None = None) -> dict:
+                 margin: float = 0.0, selection: dict | None = None, method: str = "dssn",
+                 monte_carlo: dict | None = None) -> dict:
     """The header that ties a result file to its checkpoint, spec, data split, margin
     (recorded only when > 0, so files without a margin keep their format) and selection
-    of images (results.selection: --skip and --max)."""
+    of images (results.selection: --skip and --max); for a Monte Carlo method, the
+    method and its n0, n, alpha and noise seed (DSSN headers are unchanged)."""
     meta = {"checkpoint_sha256": checkpoint_sha256, "spec": spec.to_dict(),
             "dataset": dict(dataset_identity)}
+    if method != "dssn":
+        meta["method"] = method
+        meta["monte_carlo"] = dict(monte_carlo)
     if margin > 0:
         meta["margin"] = float(margin)
     if selection is not None:
@@ -40,7 +85,9 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                     images_per_batch: int | None = None, backend: str = "auto",
                     device: str | None = "cpu", overwrite: bool = False, progress: bool = False,
                     dist_backend: str | None = None, context: Context | None = None,
-                    margin: float = 0.0) -> dict:
+                    margin: float = 0.0, method: str | None = None, n0: int | None = None,
+                    n: int | None = None, alpha: float | None = None,
+                    noise_seed: int = 0) -> dict:
     """Certifies the images of a data split (Cohen et al.'s ``skip``/``max``) with the
     checkpoint's smoothed classifier and writes the result TSV ``out`` (results.py),
     resuming an earlier run of the same checkpoint, spec, split and margin, and of the
@@ -55,6 +102,11 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     ``sigma``/``lam``/``q``/``seed``, when given, must agree with the checkpoint (else
     SpecMismatchError). Under torchrun the images are split over the ranks and rank 0
     merges their rows into ``out``. Returns a summary dict (on every rank).
+
+    ``method``: "dssn" (exact), or "ssn" / "uniform", the Monte Carlo certificates of
+    baselines.py with ``n0`` (64), ``n`` (100,000) and ``alpha`` (0.001), each image's
+    noise drawn from image_generator(noise_seed, index); default: the checkpoint's
+    training noise.
     """
     out = check_output_path(out)
     if max_index is not None and (isinstance(max_index, bool) or not isinstance(max_index, int)
@@ -63,6 +115,9 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     ckpt = read_checkpoint(checkpoint)
     spec: SmoothingSpec = ckpt["spec_obj"]
     spec.check_agrees(sigma=sigma, lam=lam, q=q, seed=seed)
+    training = ckpt.get("training") if isinstance(ckpt.get("training"), dict) else {}
+    method = method or training.get("noise", "dssn")
+    monte_carlo = _monte_carlo(method, n0, n, alpha, noise_seed, margin)
     ds_name = dataset or ckpt["dataset"].get("name")
     ds = load_dataset(ds_name, split, data_root)
     if ds.q != spec.q:
@@ -89,14 +144,14 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                             f"{ds_name} {split} has no images")
     stop = len(ds) if max_index is None or max_index < 0 else min(len(ds), max_index)
     meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin,
-                        selection(skip, stop))
+                        selection(skip, stop), method, monte_carlo)
 
     ctx = context or Context.from_env(device, dist_backend)
     try:
         return _certify_ranks(ctx, ckpt, spec, ds, meta, indices, out, device=device,
                               batch_size=batch_size, images_per_batch=images_per_batch,
                               backend=backend_name, overwrite=overwrite, progress=progress,
-                              margin=margin)
+                              margin=margin, method=method, monte_carlo=monte_carlo)
     finally:
         if context is None:
             ctx.close()
@@ -115,7 +170,8 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, **kw)
 
 def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indices, out: Path, *,
                     device, batch_size, images_per_batch, backend, overwrite, progress,
-                    margin: float = 0.0) -> dict:
+                    margin: float = 0.0, method: str = "dssn",
+                    monte_carlo: dict | None = None) -> dict:
     # Every rank runs this with the same arguments (torchrun starts the same command on
     # each), so each rank certifies its shard with the same margin; the margin is in
     # `meta`, so a part file or `out` of another margin is refused on every path.
@@ -155,6 +211,8 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
     L = spec.L
     bs = 256 if batch_size is None else batch_size
     per_batch = images_per_batch or max(1, min(64, bs // L))
+    if monte_carlo is not None:
+        per_batch = 1   # one image per call: its own noise generator
     target = my_part if ctx.distributed else out
     kw = spec.certify_kwargs()
     seconds = 0.0
@@ -165,6 +223,12 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
         for b in range(0, len(mine), per_batch):
             idx = mine[b:b + per_batch]
             x, y = ds.get(idx)
+            if monte_carlo is not None:
+                lines = _mc_rows(model, x, y, idx, spec, dev, method, monte_carlo, batch_size)
+                seconds += sum(float(line.split("\t")[5]) for line in lines)
+                writer.write(lines)
+                bar.update(len(idx))
+                continue
             t0 = time.perf_counter()
             cert = certify(model, x.to(dev), batch_size=batch_size, backend=backend,
                            num_classes=spec.num_classes, margin=margin, **kw)
@@ -204,6 +268,30 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
         if my_part.exists():
             my_part.unlink()  # its rows are in `out` now
     return summarize(out, meta, len(mine), seconds, ctx, certified=len(todo))
+
+
+def _mc_rows(model, x, y, idx, spec, dev, method, mc, batch_size) -> list[str]:
+    """Rows of Monte Carlo certificates (baselines.certify_ssn / certify_uniform), one
+    image at a time, each with its own generator; prediction and radius by
+    results.mc_certificate, the rule read_results checks."""
+    from .baselines import certify_ssn, certify_uniform
+
+    fn = certify_ssn if method == "ssn" else certify_uniform
+    pixels = x.to(dev).float() / spec.q
+    lam = lam_from_sigma(spec.sigma_value)
+    lines = []
+    for j, i in enumerate(idx):
+        t0 = time.perf_counter()
+        cert = fn(model, pixels[j:j + 1], sigma=spec.sigma_value, n0=mc["n0"], n=mc["n"],
+                  alpha=mc["alpha"], batch_size=batch_size,
+                  generator=image_generator(mc["noise_seed"], i, dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        counts, sel = cert.counts[0].tolist(), cert.selection_counts[0].tolist()
+        pred, radius, _ = mc_certificate(counts, sel, lam, mc["alpha"])
+        lines.append(format_row(i, int(y[j]), pred, radius, dt, counts, selection=sel))
+    return lines
 
 
 def summarize(out: Path, meta: dict, certified_here: int, seconds: float, ctx: Context,

@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(another GPU, batch size, TF32...). The file records TAU and the "
                         "ambiguous counts (columns num_ambiguous, ambiguous); radius -1/q marks "
                         "an image not certified even at radius 0. Resuming needs the same TAU")
+    c.add_argument("--method", choices=("dssn", "ssn", "uniform"),
+                   help="dssn (exact), or the Monte Carlo certificates of independent SSN (ssn) "
+                        "or uniform noise (Yang et al.); default: the checkpoint's training noise")
+    c.add_argument("--n0", type=_positive_int, help="Monte Carlo selection draws (default 64)")
+    c.add_argument("--n", type=_positive_int, help="Monte Carlo estimation draws (default 100000)")
+    c.add_argument("--alpha", type=float, help="Monte Carlo failure probability (default 0.001)")
+    c.add_argument("--noise-seed", type=_nonnegative_int, default=0,
+                   help="Monte Carlo noise seed: image i's noise is seeded by (seed, i) (default 0)")
     c.add_argument("--no-progress", action="store_true")
     _add_threads(c)
 
@@ -247,7 +255,8 @@ def cmd_certify(args) -> int:
         lam=args.lam, q=args.q, seed=args.seed, batch_size=args.batch_size,
         images_per_batch=args.images_per_batch, backend=args.backend, device=args.device,
         overwrite=args.overwrite, progress=not args.no_progress, dist_backend=args.dist_backend,
-        margin=args.margin)
+        margin=args.margin, method=args.method, n0=args.n0, n=args.n, alpha=args.alpha,
+        noise_seed=args.noise_seed)
     if res["rank"] == 0:
         ranks = f" over {res['world_size']} ranks" if res["world_size"] > 1 else ""
         clean = (f"clean accuracy {100 * res['clean_accuracy']:.1f}%" if res["rows"]

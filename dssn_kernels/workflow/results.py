@@ -44,6 +44,19 @@ version without ``selection`` is resumed when its rows all lie in the run's sele
 
 While a run writes a file it holds ``<file>.lock`` (OutputLock): a second run on the
 same file stops at once, naming the first.
+
+Monte Carlo certification (``dssn certify --method ssn|uniform``, baselines.py) writes
+the same file with ``"method"`` and ``"monte_carlo": {"n0", "n", "alpha",
+"noise_seed"}`` in the header, and Cohen et al.'s columns with the n estimation counts
+and the n0 selection counts::
+
+    # dssn-results/1 {..., "method": "ssn", "monte_carlo": {"alpha": 0.001, "n": 100000, "n0": 64, "noise_seed": 0}, ...}
+    idx	label	predict	radius	correct	time	counts	selection
+    0	3	3	0.412	1	1.93	0,2,0,99871,...	0,0,0,64,...
+
+``predict`` is -1 (radius 0) where the Clopper-Pearson lower bound on p_A (the n counts
+of the argmax of the selection counts, lowest index on ties) is <= 1/2; each row's
+prediction and radius are checked against its counts as for DSSN rows.
 """
 from __future__ import annotations
 
@@ -66,6 +79,7 @@ COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "counts")
 COLUMN_LINE = "\t".join(COLUMNS)
 MARGIN_COLUMNS = COLUMNS + ("num_ambiguous", "ambiguous")   # files certified with a margin
 MARGIN_COLUMN_LINE = "\t".join(MARGIN_COLUMNS)
+MC_COLUMNS = COLUMNS + ("selection",)   # Monte Carlo files: the n0 selection counts
 HEADER_PREFIX = f"# {FORMAT} "
 
 
@@ -75,8 +89,18 @@ def meta_margin(meta: dict) -> float:
     return float(m) if isinstance(m, (int, float)) and not isinstance(m, bool) else 0.0
 
 
+def meta_monte_carlo(meta: dict) -> dict | None:
+    """The Monte Carlo parameters a header records (n0, n, alpha, noise_seed), or None
+    for a file of exact DSSN certificates."""
+    mc = meta.get("monte_carlo") if isinstance(meta, dict) else None
+    return mc if isinstance(mc, dict) else None
+
+
 def columns_for(meta: dict) -> tuple:
-    """The columns of a file with this header: MARGIN_COLUMNS under a margin."""
+    """The columns of a file with this header: MARGIN_COLUMNS under a margin, MC_COLUMNS
+    for Monte Carlo certificates."""
+    if meta_monte_carlo(meta) is not None:
+        return MC_COLUMNS
     return MARGIN_COLUMNS if meta_margin(meta) > 0 else COLUMNS
 
 
@@ -99,21 +123,24 @@ class Row:
     counts: tuple
     num_ambiguous: int | None = None   # margin files only
     ambiguous: tuple | None = None     # margin files only
+    selection: tuple | None = None     # Monte Carlo files only: the n0 selection counts
 
     def line(self) -> str:
         return format_row(self.idx, self.label, self.predict, self.radius, self.time, self.counts,
-                          num_ambiguous=self.num_ambiguous, ambiguous=self.ambiguous)
+                          num_ambiguous=self.num_ambiguous, ambiguous=self.ambiguous,
+                          selection=self.selection)
 
     def key(self) -> tuple:
         """Everything but the time: equal keys mean the same certificate."""
         return (self.idx, self.label, self.predict, self.radius, self.correct, self.counts,
-                self.num_ambiguous, self.ambiguous)
+                self.num_ambiguous, self.ambiguous, self.selection)
 
 
 def format_row(idx: int, label: int, predict: int, radius: float, seconds: float, counts, *,
-               num_ambiguous=None, ambiguous=None) -> str:
+               num_ambiguous=None, ambiguous=None, selection=None) -> str:
     """One row line. ``num_ambiguous`` and ``ambiguous`` (per-class counts) are the two
-    extra columns of a file certified with a margin: give both or neither."""
+    extra columns of a file certified with a margin: give both or neither. ``selection``:
+    the n0 selection counts, the extra column of a Monte Carlo file."""
     if (num_ambiguous is None) != (ambiguous is None):
         raise ValueError("give both num_ambiguous and ambiguous (a margin row) or neither")
     correct = int(int(predict) == int(label))
@@ -121,6 +148,8 @@ def format_row(idx: int, label: int, predict: int, radius: float, seconds: float
             f"{float(seconds):.6f}\t{','.join(str(int(c)) for c in counts)}")
     if num_ambiguous is not None:
         line += f"\t{int(num_ambiguous)}\t{','.join(str(int(c)) for c in ambiguous)}"
+    if selection is not None:
+        line += f"\t{','.join(str(int(c)) for c in selection)}"
     return line + "\n"
 
 
@@ -150,6 +179,8 @@ def _certificates(lines, columns) -> dict:
     """{(counts, ambiguous): (prediction, steps)} for the row lines of a file, computed in
     one batch per K (rows that do not read or fit are left to check_row)."""
     groups = {}
+    if columns == MC_COLUMNS:
+        return {}   # Monte Carlo rows: check_row computes their certificates
     for line in lines:
         parts = line.rstrip("\n").split("\t")
         if len(parts) != len(columns):
@@ -185,17 +216,64 @@ def parse_row(line: str, where: str, columns: tuple = COLUMNS) -> Row:
         idx, label, predict, correct = (int(parts[i]) for i in (0, 1, 2, 4))
         radius, seconds = float(parts[3]), float(parts[5])
         counts = _ints(parts[6])
-        num_ambiguous = ambiguous = None
-        if len(parts) > len(COLUMNS):
+        num_ambiguous = ambiguous = selection = None
+        if columns == MC_COLUMNS:
+            selection = _ints(parts[7])
+        elif len(parts) > len(COLUMNS):
             num_ambiguous, ambiguous = int(parts[7]), _ints(parts[8])
     except ValueError:
         raise ResultsError(f"{where}: unreadable row {line.rstrip()[:80]!r}") from None
-    return Row(idx, label, predict, radius, correct, seconds, counts, num_ambiguous, ambiguous)
+    return Row(idx, label, predict, radius, correct, seconds, counts, num_ambiguous, ambiguous,
+               selection)
 
 
-def check_row(row: Row, spec: dict, where: str, certificates: dict | None = None) -> None:
+def mc_certificate(counts, selection, lam: float, alpha: float) -> tuple[int, float, float]:
+    """(prediction, radius, p_lower) of Monte Carlo votes: the top class is the argmax of
+    the selection counts (lowest index on ties), p_lower the Clopper-Pearson bound of its
+    share of the n estimation counts; -1 and radius 0 where p_lower <= 1/2
+    (baselines.py, Yang et al.'s certification)."""
+    from .baselines import ABSTAIN, clopper_pearson_lower
+
+    top = max(range(len(selection)), key=lambda c: (selection[c], -c))
+    p = clopper_pearson_lower(int(counts[top]), int(sum(counts)), float(alpha))
+    if p > 0.5:
+        return top, float(2 * lam * (p - 0.5)), p
+    return ABSTAIN, 0.0, p
+
+
+def _check_mc_row(row: Row, spec: dict, mc: dict, where: str) -> None:
+    from ..spec import lam_from_sigma
+
+    k = spec.get("num_classes")
+    sel = row.selection or ()
+    if row.idx < 0 or row.label < 0 or any(c < 0 for c in row.counts + sel):
+        raise ResultsError(f"{where}: negative index, label or count")
+    if k is not None and (len(row.counts) != k or len(sel) != k):
+        raise ResultsError(f"{where}: {len(row.counts)} counts and {len(sel)} selection "
+                           f"counts, expected {k} classes")
+    for name, got, want in (("counts", sum(row.counts), mc.get("n")),
+                            ("selection counts", sum(sel), mc.get("n0"))):
+        if want is not None and got != want:
+            raise ResultsError(f"{where}: the {name} sum to {got}, expected {want}")
+    lam = (float(spec["lam"]) if "lam" in spec else
+           lam_from_sigma(float(spec["sigma"])) if "sigma" in spec else None)
+    if lam is not None and mc.get("alpha") is not None and len(sel) >= 2:
+        pred, radius, _ = mc_certificate(row.counts, sel, lam, mc["alpha"])
+        if (row.predict, row.radius) != (pred, radius):
+            raise ResultsError(f"{where}: predict={row.predict} radius={row.radius!r} do not "
+                               f"follow from the counts (predict={pred} radius={radius!r})")
+    if row.correct != int(row.predict == row.label):
+        raise ResultsError(f"{where}: correct={row.correct} but predict={row.predict}, "
+                           f"label={row.label}")
+
+
+def check_row(row: Row, spec: dict, where: str, certificates: dict | None = None,
+              monte_carlo: dict | None = None) -> None:
     """Refuses (ResultsError) a row that the run could not have written. ``certificates``:
-    precomputed certificates of the rows (_certificates), else each is computed here."""
+    precomputed certificates of the rows (_certificates), else each is computed here.
+    ``monte_carlo``: the header's Monte Carlo parameters (a Monte Carlo row)."""
+    if monte_carlo is not None:
+        return _check_mc_row(row, spec, monte_carlo, where)
     L, q, k = spec.get("L"), spec.get("q"), spec.get("num_classes")
     margin = row.num_ambiguous is not None
     if row.idx < 0 or row.label < 0 or any(c < 0 for c in row.counts):
@@ -386,7 +464,7 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
     for n, line in enumerate(lines[2:], start=3):
         where = f"{path} is corrupt: line {n}"
         row = parse_row(line, where, columns)
-        check_row(row, spec, where, certificates)
+        check_row(row, spec, where, certificates, meta_monte_carlo(meta))
         if row.idx in seen:
             raise ResultsError(f"{where}: index {row.idx} already on line {seen[row.idx]}")
         seen[row.idx] = n

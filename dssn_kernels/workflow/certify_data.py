@@ -117,6 +117,8 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     spec.check_agrees(sigma=sigma, lam=lam, q=q, seed=seed)
     training = ckpt.get("training") if isinstance(ckpt.get("training"), dict) else {}
     method = method or training.get("noise", "dssn")
+    if method == "none":   # a classifier trained on clean images: certified by DSSN
+        method = "dssn"
     monte_carlo = _monte_carlo(method, n0, n, alpha, noise_seed, margin)
     ds_name = dataset or ckpt["dataset"].get("name")
     ds = load_dataset(ds_name, split, data_root)

@@ -2,6 +2,7 @@
 
     dssn train --dataset digits --sigma 0.5 --out runs/digits-0.5.pt
     dssn train --dataset digits --sigma 0.5 --out runs/digits-0.5.pt --resume   # after a crash
+    dssn train-denoiser runs/clean.pt --objective stability --out runs/denoised.pt
     dssn certify runs/digits-0.5.pt --out runs/digits-0.5.tsv
     dssn analyze runs/digits-*.tsv
     dssn plot curves runs/digits-*.tsv --out runs/curves.png
@@ -73,6 +74,75 @@ def _add_spec_args(p, what):
                    help="seed of the split offsets numpy.random.RandomState(seed).randint(L, size=d)")
 
 
+def _add_train_denoiser_parser(sub, datasets):
+    from .denoiser import NOISES, OBJECTIVES
+
+    d = sub.add_parser(
+        "train-denoiser", help="train a DnCNN denoiser in front of a frozen classifier",
+        description="Denoised smoothing (Salman et al. 2020, the DSSN paper's Appendix D): "
+        "trains a DnCNN under the smoothing noise in front of the classifier of CLASSIFIER.pt "
+        "(frozen: eval mode, weights untouched) and writes denoiser + classifier as one "
+        "checkpoint that dssn certify / analyze / plot use like any other. Objectives: mse "
+        "(||D(x~) - x||^2), stability (CE(F(D(x~)), argmax F(x))), mse-retrain (an mse "
+        "denoiser, then a classifier of the same architecture trained from scratch through it, "
+        "the denoiser fine-tuned with it).")
+    d.add_argument("classifier", help="checkpoint of the classifier (e.g. dssn train --noise none)")
+    d.add_argument("--objective", choices=OBJECTIVES, required=True)
+    d.add_argument("--out", required=True,
+                   help="checkpoint to write; an existing file is refused unless --overwrite")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and start again over an interrupted state)")
+    d.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from OUT.train-state (same options)")
+    d.add_argument("--noise", choices=NOISES, default="dssn",
+                   help="training noise (default dssn: one random variant, the certification "
+                        "offsets)")
+    d.add_argument("--dataset", choices=datasets, help="default: the classifier checkpoint's")
+    d.add_argument("--data-root", help="local folder of cifar10 / imagenet")
+    _add_spec_args(d, " (default: the classifier checkpoint's; q is the data set's)")
+    d.add_argument("--depth", type=_positive_int, help="DnCNN conv layers (default: 17; digits 5)")
+    d.add_argument("--width", type=_positive_int, help="DnCNN channels (default: 64; digits 32)")
+    d.add_argument("--no-clamp", dest="clamp", action="store_false",
+                   help="leave the denoiser's output unclamped (Salman et al.); default: "
+                        "clamped to [0, 1]")
+    d.add_argument("--epochs", type=_positive_int, help="denoiser epochs (default: digits 20)")
+    d.add_argument("--retrain-epochs", type=_positive_int,
+                   help="mse-retrain: classifier + fine-tuning epochs (default: digits 30)")
+    d.add_argument("--batch-size", type=_positive_int, help="default 64")
+    d.add_argument("--lr", type=float, help="denoiser Adam learning rate (default 1e-3)")
+    d.add_argument("--retrain-lr", type=float, help="mse-retrain: classifier learning rate")
+    d.add_argument("--train-seed", type=int, default=0)
+    d.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
+    d.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    d.add_argument("--no-progress", action="store_true")
+    _add_threads(d)
+
+
+def cmd_train_denoiser(args) -> int:
+    from .denoiser import train_denoiser
+
+    if args.q is not None:
+        from .checkpoint import read_checkpoint
+
+        ckpt_q = read_checkpoint(args.classifier)["spec_obj"].q
+        if args.q != ckpt_q:
+            raise UsageError(f"--q {args.q} disagrees with the classifier checkpoint's q={ckpt_q}")
+    res = train_denoiser(args.classifier, args.out, objective=args.objective, noise=args.noise,
+                         dataset=args.dataset, sigma=args.sigma, lam=args.lam, seed=args.seed,
+                         depth=args.depth, width=args.width, clamp=args.clamp,
+                         epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+                         batch_size=args.batch_size, lr=args.lr, retrain_lr=args.retrain_lr,
+                         train_seed=args.train_seed, max_train=args.max_train,
+                         data_root=args.data_root, device=args.device,
+                         progress=not args.no_progress, overwrite=args.overwrite,
+                         resume=args.resume)
+    print(f"trained a {res['objective']} denoiser on {res['num_train']} {res['dataset']} images, "
+          f"{res['spec'].describe()}, {res['noise']} noise, in {res['seconds']:.1f}s (last "
+          f"epoch loss {res['final_loss']:.4f})")
+    print(f"checkpoint: {res['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from .data import DATASETS, SPLITS
@@ -100,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "training starts from epoch 1")
     t.add_argument("--dataset", choices=DATASETS, default="digits")
     t.add_argument("--data-root", help="local folder of cifar10 / imagenet (nothing is downloaded)")
-    t.add_argument("--arch", choices=sorted(ARCHS),
+    t.add_argument("--arch", choices=sorted(a for a in ARCHS if a != "denoised"),
                    help="model (default: small_cnn for digits, wrn40_2 for cifar10, resnet50 for imagenet)")
     _add_spec_args(t, " (q defaults to the data set's)")
     t.add_argument("--epochs", type=_positive_int, help="default: digits 60, cifar10 120, imagenet 30")
@@ -115,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", dest="augment", action="store_false")
     t.add_argument("--train-seed", type=int, default=0,
                    help="seed of weight init, shuffling and noise draws (default 0)")
-    t.add_argument("--noise", choices=("dssn", "ssn", "uniform"), default="dssn",
+    t.add_argument("--noise", choices=("dssn", "ssn", "uniform", "none"), default="dssn",
                    help="training noise: dssn (one DSSN variant per image; default), ssn "
-                        "(independent SSN) or uniform (x + U(-lambda, lambda)^d, Yang et al.)")
+                        "(independent SSN), uniform (x + U(-lambda, lambda)^d, Yang et al.) or "
+                        "none (clean images: a classifier for train-denoiser; the spec is still "
+                        "stored, certify smooths with it)")
     t.add_argument("--stability", action="store_true",
                    help="stability training (Li et al. 2019): two noise draws per image, "
                         "loss CE(f(x1), y) + W * KL(f(x1) || f(x2))")
@@ -128,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=0, help="data loader processes (imagenet)")
     t.add_argument("--no-progress", action="store_true")
     _add_threads(t)
+
+    _add_train_denoiser_parser(sub, DATASETS)
 
     c = sub.add_parser("certify", help="certify a data split with a checkpoint (resumable, shardable)",
                        description="Certifies every image of a data split exactly and writes a TSV "
@@ -328,6 +402,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"train": cmd_train, "certify": cmd_certify, "analyze": cmd_analyze,
             "plot": cmd_plot, "bench": cmd_bench}
+COMMANDS["train-denoiser"] = cmd_train_denoiser
 
 
 def main(argv=None) -> int:
@@ -357,7 +432,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         hint = {"certify": "; rerun the same command to resume",
                 "train": "; rerun the same command with --resume to continue from the last "
-                         "finished epoch"}.get(args.command, "")
+                         "finished epoch",
+                "train-denoiser": "; rerun the same command with --resume to continue from "
+                                  "the last finished epoch"}.get(args.command, "")
         return fail(f"interrupted{hint}", 130)
 
 

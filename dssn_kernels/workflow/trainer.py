@@ -136,6 +136,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
 
     ``noise``: "dssn" (that), "ssn" (independent SSN) or "uniform" (Yang et al.), the
     noises of dssn_kernels/noises.py that the Monte Carlo certifiers sample.
+    "none": the clean images (the "pre-trained" classifier of ``dssn train-denoiser``; the
+    spec is still stored: it is what certify smooths with).
     ``stability``: stability training (Li et al. 2019): two independent noise draws of
     every image, loss = CE(f(x1), y) + ``stability_weight`` * KL(f(x1) || f(x2)).
 
@@ -179,8 +181,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                            f"{batch_size}, {lr})")
     if optimizer not in ("adam", "sgd"):
         raise WorkflowError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
-    if noise not in NOISES:
-        raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
+    if noise not in NOISES and noise != "none":   # none: clean images (issue 13)
+        raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}, none")
     stability = bool(stability)
     if isinstance(stability_weight, bool) or not isinstance(stability_weight, (int, float)) \
             or not math.isfinite(stability_weight) or stability_weight < 0:
@@ -245,6 +247,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                     else {"lam": spec.lam_value, "q": spec.q})
 
     def draw(x, gen):
+        if noise == "none":   # clean training: the pixels k/q (a classifier for train-denoiser)
+            return (x.float() / spec.q).to(device)
         return training_noise(x, generator=gen, noise=noise, **noise_kwargs).to(device)
 
     pad = 4 if dataset == "cifar10" else 0

@@ -1,0 +1,296 @@
+"""``dssn train-denoiser``: certify a classifier you cannot retrain (denoised smoothing,
+Salman et al. 2020; the DSSN paper's Appendix D).
+
+A DnCNN denoiser D is trained under the smoothing noise in front of a classifier F read
+from a checkpoint (``dssn train --noise none`` writes one; any checkpoint will do). F is
+frozen: loaded in eval mode, ``requires_grad`` off, its weights written back bit for bit.
+The objectives (``objective_loss``):
+
+* ``mse``: mean over pixels of (D(x~) - x)^2, x~ the noised x (F is not used);
+* ``stability``: CE(F(D(x~)), argmax F(x)), F's own clean prediction as the label
+  (Salman et al.'s best objective);
+* ``mse-retrain``: an ``mse`` denoiser (``epochs``), then a classifier of F's
+  architecture trained from scratch on D(x~) against the true labels, D fine-tuned with it
+  (``retrain_epochs``), the paper's third variant; F itself only gives the architecture.
+
+The result is one checkpoint of arch ``denoised`` (``models.denoised(D, F)``: keys
+``denoiser.*`` and ``classifier.*``) with the smoothing spec, used by ``dssn certify``,
+``analyze`` and ``plot`` like any other, and by ``dk.certify`` once loaded with
+``load_checkpoint``. The noise is DSSN's training noise (one random variant per sample, the
+certification offsets) by default, or ``ssn`` / ``uniform`` (``training_noise(noise=)``).
+Training resumes as ``dssn train`` does: the whole state is written atomically to
+``OUT.train-state`` after every epoch (trainer's helpers), ``resume=True`` continues to
+the very weights of an uninterrupted run (bit for bit on the CPU).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..noises import NOISES
+from ..training import training_noise
+from .checkpoint import (CheckpointError, SmoothingSpec, build_model, file_sha256,
+                         model_from_checkpoint, plain, read_checkpoint, save_checkpoint)
+from .data import DatasetError, load_dataset
+from .models import DnCNN, denoised
+from .options import WorkflowError, check_output_path, resolve_device
+from .results import _diff
+from .trainer import TRAIN_DEFAULTS, _batches, _check_writable, _read_state, _save_state, state_path
+
+OBJECTIVES = ("mse", "stability", "mse-retrain")
+STATE_FORMAT = "dssn-train-state/1"   # trainer's _read_state checks this format
+
+# Denoiser defaults per data set: Salman et al.'s DnCNN (17 layers, 64 channels, Adam lr
+# 1e-3) for CIFAR-10 and ImageNet; a small one for the 8x8 digits.
+DENOISER_DEFAULTS = {
+    "digits": dict(depth=5, width=32, epochs=20, retrain_epochs=30, batch_size=64, lr=1e-3),
+    "cifar10": dict(depth=17, width=64, epochs=90, retrain_epochs=90, batch_size=64, lr=1e-3),
+    "imagenet": dict(depth=17, width=64, epochs=25, retrain_epochs=30, batch_size=64, lr=1e-3),
+}
+
+
+def noised(x: torch.Tensor, spec: SmoothingSpec, noise: str = "dssn",
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 levels (or k/q floats) -> float32 images under the training noise of
+    ``spec``: DSSN's, or ``ssn`` / ``uniform`` at the spec's lambda (``training_noise``,
+    as ``dssn train --noise``)."""
+    if noise == "dssn":
+        return training_noise(x, generator=generator, **spec.certify_kwargs())
+    return training_noise(x, generator=generator, noise=noise, lam=spec.lam_value, q=spec.q)
+
+
+def objective_loss(objective: str, denoiser: nn.Module, classifier: nn.Module,
+                   clean: torch.Tensor, noisy: torch.Tensor,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of one batch: ``clean`` float images in [0, 1], ``noisy`` their
+    noised copies. ``mse``: mean((D(noisy) - clean)^2) (torch's MSELoss, as Salman et al.);
+    ``stability``: CE(F(D(noisy)), argmax F(clean)); ``classify`` (mse-retrain's second
+    phase): CE(F(D(noisy)), labels)."""
+    if objective == "mse":
+        return F.mse_loss(denoiser(noisy), clean)
+    if objective == "stability":
+        with torch.no_grad():
+            target = classifier(clean).argmax(1)
+        return F.cross_entropy(classifier(denoiser(noisy)), target)
+    if objective == "classify":
+        return F.cross_entropy(classifier(denoiser(noisy)), labels)
+    raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def _after_epoch(epoch: int) -> None:
+    """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
+
+
+def _weights(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dssn",
+                   dataset: str | None = None, sigma=None, lam=None, seed: int | None = None,
+                   depth: int | None = None, width: int | None = None, clamp: bool = True,
+                   epochs: int | None = None, retrain_epochs: int | None = None,
+                   batch_size: int | None = None, lr: float | None = None,
+                   retrain_lr: float | None = None, train_seed: int = 0,
+                   max_train: int | None = None, data_root=None, device: str | None = "cpu",
+                   progress: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
+    """Trains a DnCNN in front of the frozen classifier of checkpoint ``classifier`` and
+    writes the pair as one ``denoised`` checkpoint to ``out``.
+
+    The smoothing spec is the classifier checkpoint's unless ``sigma``/``lam``/``seed``
+    are given (q always the data set's); ``dataset`` defaults to the checkpoint's. A
+    checkpoint whose q, input shape or classes disagree with the data set is refused, and
+    so is an existing ``out`` without ``overwrite``. Returns a summary dict (path, spec,
+    seconds, final_loss, model, ...).
+    """
+    if objective not in OBJECTIVES:
+        raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if noise not in NOISES:
+        raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
+    out = check_output_path(out)
+    state_file = state_path(out)
+    if out.exists() and not overwrite:
+        raise WorkflowError(f"{out} exists; nothing was changed: choose another --out, or pass "
+                            "--overwrite to replace it")
+    if state_file.exists() and not (resume or overwrite):
+        raise WorkflowError(f"{state_file} holds an interrupted training of {out.name}; nothing "
+                            "was changed: pass --resume to continue it, or --overwrite to start "
+                            "again")
+    _check_writable(out)
+    ckpt = read_checkpoint(classifier)
+    cspec: SmoothingSpec = ckpt["spec_obj"]
+    c_arch, c_kwargs = ckpt["model"]["arch"], ckpt["model"]["kwargs"]
+    if c_arch == "denoised":
+        raise CheckpointError(f"{classifier} holds a denoised model already; give the "
+                              "classifier's own checkpoint")
+    dataset = dataset or ckpt["dataset"].get("name")
+    ds = load_dataset(dataset, "train", data_root)
+    if cspec.q != ds.q:
+        raise DatasetError(f"{dataset} pixels are k/{ds.q}, but the classifier checkpoint "
+                           f"{classifier} is for q={cspec.q}")
+    if tuple(cspec.input_shape) != tuple(ds.input_shape):
+        raise DatasetError(f"{dataset} images are {list(ds.input_shape)}, the classifier "
+                           f"checkpoint {classifier} takes {list(cspec.input_shape)}")
+    if cspec.num_classes != ds.num_classes:
+        raise DatasetError(f"{dataset} has {ds.num_classes} classes, the classifier checkpoint "
+                           f"{classifier} {cspec.num_classes}")
+    if sigma is None and lam is None:
+        sigma, lam = cspec.sigma, cspec.lam
+    try:
+        spec = SmoothingSpec.create(sigma=sigma, lam=lam, q=ds.q,
+                                    seed=cspec.seed if seed is None else seed,
+                                    input_shape=ds.input_shape, num_classes=ds.num_classes)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"bad smoothing parameters: {exc}") from None
+    d = DENOISER_DEFAULTS.get(dataset, DENOISER_DEFAULTS["cifar10"])
+    depth = d["depth"] if depth is None else depth
+    width = d["width"] if width is None else width
+    epochs = d["epochs"] if epochs is None else epochs
+    retrain = objective == "mse-retrain"
+    retrain_epochs = (d["retrain_epochs"] if retrain_epochs is None else retrain_epochs) if retrain else 0
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    lr = d["lr"] if lr is None else lr
+    if retrain_lr is None:
+        retrain_lr = TRAIN_DEFAULTS.get(dataset, {}).get("lr", 1e-3) if \
+            TRAIN_DEFAULTS.get(dataset, {}).get("optimizer") == "adam" else 1e-3
+    if epochs < 1 or batch_size < 1 or lr <= 0 or depth < 2 or width < 1 or retrain_lr <= 0 \
+            or (retrain and retrain_epochs < 1):
+        raise WorkflowError(f"need epochs >= 1, batch size >= 1, lr > 0, depth >= 2, width >= 1 "
+                            f"(got {epochs}, {batch_size}, {lr}, {depth}, {width})")
+    device = resolve_device(device)
+    n = len(ds) if max_train is None else min(len(ds), max_train)
+    if n < 1:
+        raise DatasetError("no training images (check --max-train)")
+
+    frozen = model_from_checkpoint(ckpt, device)   # eval mode
+    frozen.requires_grad_(False)
+    d_kwargs = {"in_channels": int(ds.input_shape[0]), "depth": int(depth), "width": int(width),
+                "clamp": bool(clamp)}
+    torch.manual_seed(train_seed)
+    den = DnCNN(**d_kwargs).to(device)
+    new_clf = build_model(c_arch, c_kwargs).to(device) if retrain else None
+    opt1 = torch.optim.Adam(den.parameters(), lr=lr)
+    sched1 = torch.optim.lr_scheduler.CosineAnnealingLR(opt1, epochs)
+    opt2 = sched2 = None
+    if retrain:
+        opt2 = torch.optim.Adam([{"params": new_clf.parameters(), "lr": retrain_lr},
+                                 {"params": den.parameters(), "lr": lr}])
+        sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, retrain_epochs)
+    g = torch.Generator().manual_seed(train_seed)
+    classifier_sha = file_sha256(classifier)
+    settings = plain({"kind": "denoiser", "classifier_sha256": classifier_sha,
+                      "objective": objective, "noise": noise, "dataset": ds.identity,
+                      "denoiser_kwargs": d_kwargs, "spec": spec.to_dict(), "epochs": epochs,
+                      "retrain_epochs": retrain_epochs, "batch_size": batch_size, "lr": lr,
+                      "retrain_lr": retrain_lr if retrain else None, "train_seed": train_seed,
+                      "num_train": n})
+    total = epochs + retrain_epochs
+    start, seconds_before = 0, 0.0
+    last_loss = last_acc = float("nan")
+    if resume and state_file.exists():
+        state = _read_state(state_file)
+        diffs = [x.replace(" (file) vs ", " (saved) vs ")
+                 for x in _diff(state.get("settings"), settings)]
+        if diffs:
+            raise WorkflowError(
+                f"{state_file} holds a different training ({'; '.join(diffs)}); nothing was "
+                "changed: rerun with its options to resume it, or pass --overwrite without "
+                "--resume to start again")
+        try:
+            den.load_state_dict(state["denoiser"])
+            opt1.load_state_dict(state["optimizer"])
+            sched1.load_state_dict(state["scheduler"])
+            if retrain:
+                new_clf.load_state_dict(state["classifier"])
+                opt2.load_state_dict(state["retrain_optimizer"])
+                sched2.load_state_dict(state["retrain_scheduler"])
+            rng = state["rng"]
+            g.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            start, seconds_before = int(state["epoch"]), float(state["seconds"])
+            last_loss, last_acc = float(state["last_loss"]), float(state["last_acc"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise WorkflowError(f"{state_file} does not fit this training ({exc}); nothing was "
+                                "changed: pass --overwrite without --resume to start again") from None
+    elif resume:
+        print(f"dssn train-denoiser: no training state {state_file} to resume: starting from "
+              "epoch 1", file=sys.stderr, flush=True)
+
+    steps_per_epoch = math.ceil(n / batch_size)
+    on_cuda = torch.device(device).type == "cuda"
+    t0 = time.perf_counter()
+    bar = tqdm(total=total * steps_per_epoch, initial=start * steps_per_epoch,
+               desc=f"train-denoiser ({objective})", unit="step", disable=not progress)
+    for epoch in range(start, total):
+        second = epoch >= epochs
+        phase = "classify" if second else ("stability" if objective == "stability" else "mse")
+        den.train()
+        if second:
+            new_clf.train()
+        clf = new_clf if second else frozen
+        opt, sched = (opt2, sched2) if second else (opt1, sched1)
+        order = torch.randperm(len(ds), generator=g)[:n]
+        seen = loss_sum = 0
+        for x, y in _batches(ds, order, batch_size, 0):
+            noisy = noised(x, spec, noise, g).to(device)
+            clean = (x.float() / ds.q).to(device)
+            y = y.to(device)
+            loss = objective_loss(phase, den, clf, clean, noisy, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            bar.update(1)
+        sched.step()
+        last_loss = loss_sum / seen
+        bar.set_postfix(phase=phase, loss=f"{last_loss:.4f}")
+        _save_state(state_file, {
+            "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
+            "seconds": seconds_before + time.perf_counter() - t0,
+            "last_loss": last_loss, "last_acc": last_acc,
+            "denoiser": _weights(den), "optimizer": opt1.state_dict(),
+            "scheduler": sched1.state_dict(),
+            "classifier": _weights(new_clf) if retrain else None,
+            "retrain_optimizer": opt2.state_dict() if retrain else None,
+            "retrain_scheduler": sched2.state_dict() if retrain else None,
+            "rng": {"generator": g.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if on_cuda else None}})
+        _after_epoch(epoch + 1)
+    bar.close()
+    seconds = seconds_before + time.perf_counter() - t0
+    den.eval()
+    model = denoised(den, (new_clf if retrain else frozen).eval())
+    import dssn_kernels
+
+    training = {"kind": "denoiser", "objective": objective, "noise": noise,
+                "classifier": str(classifier), "classifier_sha256": classifier_sha,
+                "classifier_training": ckpt.get("training", {}),
+                "epochs": epochs, "retrain_epochs": retrain_epochs, "batch_size": batch_size,
+                "lr": lr, "retrain_lr": retrain_lr if retrain else None,
+                "train_seed": train_seed, "num_train": n, "final_loss": last_loss,
+                "seconds": seconds, "device": str(device), "torch": str(torch.__version__),
+                "dssn_kernels": dssn_kernels.__version__}
+    kwargs = {"denoiser": {"arch": "dncnn", "kwargs": d_kwargs},
+              "classifier": {"arch": c_arch, "kwargs": c_kwargs}}
+    try:
+        path = save_checkpoint(out, model, arch="denoised", model_kwargs=kwargs, spec=spec,
+                               dataset=ds.identity, training=training)
+    except OSError as exc:
+        raise WorkflowError(f"cannot write {out}: {exc.strerror or exc}; the trained model is "
+                            f"kept in {state_file}: rerun with --resume to write it") from None
+    state_file.unlink(missing_ok=True)
+    return {"path": str(path), "spec": spec, "objective": objective, "noise": noise,
+            "seconds": seconds, "final_loss": last_loss, "num_train": n, "model": model,
+            "dataset": dataset}
+
+
+__all__ = ["DENOISER_DEFAULTS", "NOISES", "OBJECTIVES", "noised", "objective_loss",
+           "train_denoiser"]

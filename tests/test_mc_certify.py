@@ -149,3 +149,26 @@ def test_default_method_is_the_training_noise(tmp_path, capsys):
                         "--n", "3", "--no-progress"], capsys)
     assert code == 0, err
     assert read_results(out).meta["method"] == "ssn"
+
+
+def test_two_ranks_write_the_rows_of_one_process(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    single, dist = tmp_path / "single.tsv", tmp_path / "dist.tsv"
+    opts = ["--method", "ssn", "--max-index", "12", "--n0", "8", "--N", "40", "--alpha", "0.01",
+            "--no-progress", "--device", "cpu"]
+    assert run(["certify", str(ckpt), "--out", str(single)] + opts, capsys)[0] == 0
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "dssn_kernels", "certify", str(ckpt),
+                        "--out", str(dist)] + opts, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "over 2 ranks" in r.stdout, r.stderr[-3000:]
+    assert rows_without_time(dist) == rows_without_time(single)

@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dssn (exact), or the Monte Carlo certificates of independent SSN (ssn) "
                         "or uniform noise (Yang et al.); default: the checkpoint's training noise")
     c.add_argument("--n0", type=_positive_int, help="Monte Carlo selection draws (default 64)")
-    c.add_argument("--n", type=_positive_int, help="Monte Carlo estimation draws (default 100000)")
+    c.add_argument("--n", "--N", type=_positive_int, dest="n",
+                   help="Monte Carlo estimation draws (default 100000; under torchrun write --N, "
+                        "as torchrun reads --n as an abbreviation of its own options)")
     c.add_argument("--alpha", type=float, help="Monte Carlo failure probability (default 0.001)")
     c.add_argument("--noise-seed", type=_nonnegative_int, default=0,
                    help="Monte Carlo noise seed: image i's noise is seeded by (seed, i) (default 0)")

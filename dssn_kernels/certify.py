@@ -121,7 +121,7 @@ def prepare_images(x, q: int, L: int, seed: int, backend: str):
 def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size=None,
             backend="auto", num_classes=None, progress=False, dtype=torch.float32,
             channels_last=False, autocast=None, cudnn_benchmark=None,
-            margin=0.0) -> Certificate:
+            margin=0.0, compile=False) -> Certificate:
     """Exact DSSN certificate of every image in x for the base classifier ``model``.
 
     model maps float32 [N, *x.shape[1:]] in [0, 1] to logits [N, K]. x is float on the
@@ -135,6 +135,15 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
     model under torch.autocast), ``cudnn_benchmark``. The certificate is exact for the
     base classifier as evaluated, in whatever precision it was evaluated.
 
+    ``compile`` (False): True, a ``torch.compile`` mode string or a dict of its arguments
+    (mode, backend, options, fullgraph; checks.check_compile) compiles the model once for
+    the workspace's static shape [batch_size, ...] and runs every forward at that shape:
+    the last partial batch is padded and the padded rows never vote. The compiled model is
+    cached for the life of ``model``, so later calls at the same batch size, dtype and
+    autocast compile nothing. True means "reduce-overhead" (CUDA graphs) on CUDA, the
+    default mode elsewhere. The votes are those of the compiled model (dk.logit_drift
+    measures how far its logits are from the eager ones).
+
     ``margin`` tau >= 0 (0: off): votes that survive floating-point differences. A
     variant whose top logit beats the runner-up by less than tau is ambiguous and counted
     adversarially (see Certificate); the certificate then holds for every evaluation of
@@ -146,15 +155,16 @@ def certify(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, batch_size
                                   num_classes=num_classes)
     return run_certify(model, x, smoothing, progress=progress, dtype=dtype,
                        channels_last=channels_last, autocast=autocast,
-                       cudnn_benchmark=cudnn_benchmark)
+                       cudnn_benchmark=cudnn_benchmark, compile=compile)
 
 
 def run_certify(model, x, smoothing: Smoothing, *, progress=False, dtype=torch.float32,
-                channels_last=False, autocast=None, cudnn_benchmark=None) -> Certificate:
+                channels_last=False, autocast=None, cudnn_benchmark=None,
+                compile=False) -> Certificate:
     """certify with checked smoothing parameters (certify, DSSN.certify); checks the
     images, the model-call options and the model's mode, then runs."""
     s = smoothing
-    call = ModelCall.checked(dtype, channels_last, autocast, cudnn_benchmark)
+    call = ModelCall.checked(dtype, channels_last, autocast, cudnn_benchmark, compile)
     check_value_dtype(s.q, call.dtype)
     levels, backend, split = prepare_images(x, s.q, s.L, s.seed, s.backend)
     checks.check_eval_mode(model)

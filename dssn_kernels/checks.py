@@ -120,6 +120,41 @@ def check_autocast(autocast):
     return autocast
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_KEYS = ("mode", "backend", "options", "fullgraph")
+
+
+def check_compile(compile):
+    """How to compile the base model: None (False, the default: eager), or the keyword
+    arguments of ``torch.compile`` as a dict. ``True`` gives ``{}`` (the mode is chosen for
+    the device: "reduce-overhead", CUDA graphs, on CUDA, the default mode elsewhere); a
+    string is a mode (one of COMPILE_MODES); a dict may hold ``mode``, ``backend`` (e.g.
+    "eager", "aot_eager", "inductor"), ``options`` and ``fullgraph``. ``dynamic`` is always
+    False: every forward runs at the workspace's one static shape."""
+    if compile is None or compile is False or (isinstance(compile, np.bool_) and not compile):
+        return None
+    if compile is True or isinstance(compile, np.bool_):
+        return {}
+    if isinstance(compile, str):
+        compile = {"mode": compile}
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile must be a bool, a torch.compile mode string or a dict of "
+                        f"torch.compile arguments, got {type(compile).__name__}")
+    unknown = [k for k in compile if k not in COMPILE_KEYS]
+    if unknown:
+        raise ValueError(f"compile: unknown torch.compile argument(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(COMPILE_KEYS)} (dynamic is always False)")
+    mode = compile.get("mode")
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode is not None and compile.get("options") is not None:
+        raise ValueError("compile: give mode or options, not both (torch.compile refuses both)")
+    backend = compile.get("backend")
+    if backend is not None and not (isinstance(backend, str) or callable(backend)):
+        raise TypeError(f"compile backend must be a name or a callable, got {type(backend).__name__}")
+    return dict(compile)
+
+
 def check_variant_range(start, stop, L: int) -> tuple[int, int]:
     """(start, stop) of ``variants``: ints with 0 <= start <= stop <= L (stop None: L)."""
     stop = L if stop is None else stop

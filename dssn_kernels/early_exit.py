@@ -172,7 +172,8 @@ class _Run:
         zeros = torch.zeros((B, 2), dtype=torch.int64)
         self._look(np.arange(B), zeros, zeros if self.margin > 0 else None,
                    evaluated, looks, done, plan)
-        rounds = VoteRounds(self.model, shape=self.shape, rows_max=min(self.s.batch_size, B * L),
+        rounds = VoteRounds(self.model, shape=self.shape,
+                            rows_max=self.call.workspace_rows(self.s.batch_size, B * L),
                             num_images=B, backend=self.backend, device=device,
                             num_classes=self.s.num_classes, call=self.call, margin=self.margin)
         with rounds:
@@ -290,8 +291,8 @@ _COMMON_DOC = """
     (default) plans the fewest variants after which a decision could be settled; an int
     evaluates that many variants of an image between looks. ``order``: the order each
     image's variants are evaluated in (:func:`variant_order`). ``backend``,
-    ``num_classes``, ``dtype``, ``channels_last``, ``autocast``, ``cudnn_benchmark``: as
-    in certify. The answers equal the full evaluation's for every order, chunk size and
+    ``num_classes``, ``dtype``, ``channels_last``, ``autocast``, ``cudnn_benchmark``,
+    ``compile``: as in certify (compiled: every round runs at the workspace's one shape). The answers equal the full evaluation's for every order, chunk size and
     batch size (deterministic model). On a GPU there is one host sync per round.
 """
 
@@ -299,7 +300,8 @@ _COMMON_DOC = """
 def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0, margin=0.0,
                batch_size=None, backend="auto", num_classes=None, order="sequential",
                chunk_size=None, settle_prediction=True, dtype=torch.float32,
-               channels_last=False, autocast=None, cudnn_benchmark=None) -> Decision:
+               channels_last=False, autocast=None, cudnn_benchmark=None,
+               compile=False) -> Decision:
     """Is every image of x certified at the L1 ``radius`` ([0, 1] scale)? Stops evaluating
     an image's variants as soon as no outcome of the rest can change the answer.
 
@@ -317,13 +319,13 @@ def certify_at(model, x, radius, *, sigma=None, lam=None, L=None, q=255, seed=0,
     return run_certify_at(model, x, radius, smoothing, order=order, chunk_size=chunk_size,
                           settle_prediction=settle_prediction, dtype=dtype,
                           channels_last=channels_last, autocast=autocast,
-                          cudnn_benchmark=cudnn_benchmark)
+                          cudnn_benchmark=cudnn_benchmark, compile=compile)
 
 
 def _run_options(smoothing: Smoothing, order, chunk_size, dtype, channels_last, autocast,
-                 cudnn_benchmark):
+                 cudnn_benchmark, compile=False):
     """The checked per-call options of certify_at and predict: (call, perm, chunk_size)."""
-    call = ModelCall.checked(dtype, channels_last, autocast, cudnn_benchmark)
+    call = ModelCall.checked(dtype, channels_last, autocast, cudnn_benchmark, compile)
     check_value_dtype(smoothing.q, call.dtype)
     chunk_size = checks.check_chunk_size(chunk_size)
     return call, variant_order(order, smoothing.L), chunk_size
@@ -331,13 +333,14 @@ def _run_options(smoothing: Smoothing, order, chunk_size, dtype, channels_last, 
 
 def run_certify_at(model, x, radius, smoothing: Smoothing, *, order="sequential",
                    chunk_size=None, settle_prediction=True, dtype=torch.float32,
-                   channels_last=False, autocast=None, cudnn_benchmark=None) -> Decision:
+                   channels_last=False, autocast=None, cudnn_benchmark=None,
+               compile=False) -> Decision:
     """certify_at with checked smoothing parameters (certify_at, DSSN.certify_at)."""
     q = smoothing.q
     steps = decisions.required_steps(radius, q)
     settle_prediction = checks.check_flag("settle_prediction", settle_prediction)
     call, perm, chunk_size = _run_options(smoothing, order, chunk_size, dtype, channels_last,
-                                          autocast, cudnn_benchmark)
+                                          autocast, cudnn_benchmark, compile)
     run = _CertifyRun(model, x, smoothing, call, perm=perm, chunk_size=chunk_size, steps=steps,
                       settle_prediction=settle_prediction)
     counts, ambiguous, evaluated = run.run()
@@ -362,7 +365,7 @@ def run_certify_at(model, x, radius, smoothing: Smoothing, *, order="sequential"
 def predict(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, margin=0.0,
             batch_size=None, backend="auto", num_classes=None, order="sequential",
             chunk_size=None, dtype=torch.float32, channels_last=False, autocast=None,
-            cudnn_benchmark=None) -> Prediction:
+            cudnn_benchmark=None, compile=False) -> Prediction:
     """The smoothed classifier's prediction for every image of x, stopping an image's
     variants as soon as its leading class cannot be overtaken. Returns a
     :class:`Prediction` (``.prediction`` LongTensor[B] equals ``certify(...).prediction``,
@@ -373,15 +376,15 @@ def predict(model, x, *, sigma=None, lam=None, L=None, q=255, seed=0, margin=0.0
                                   num_classes=num_classes)
     return run_predict(model, x, smoothing, order=order, chunk_size=chunk_size, dtype=dtype,
                        channels_last=channels_last, autocast=autocast,
-                       cudnn_benchmark=cudnn_benchmark)
+                       cudnn_benchmark=cudnn_benchmark, compile=compile)
 
 
 def run_predict(model, x, smoothing: Smoothing, *, order="sequential", chunk_size=None,
                 dtype=torch.float32, channels_last=False, autocast=None,
-                cudnn_benchmark=None) -> Prediction:
+                cudnn_benchmark=None, compile=False) -> Prediction:
     """predict with checked smoothing parameters (predict, DSSN.predict)."""
     call, perm, chunk_size = _run_options(smoothing, order, chunk_size, dtype, channels_last,
-                                          autocast, cudnn_benchmark)
+                                          autocast, cudnn_benchmark, compile)
     run = _PredictRun(model, x, smoothing, call, perm=perm, chunk_size=chunk_size)
     counts, ambiguous, evaluated = run.run()
     c = counts.cpu()

@@ -13,7 +13,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .checks import check_autocast, check_model_dtype
+from .checks import check_autocast, check_compile, check_model_dtype
 from .ops import vote_into, vote_margin_into
 
 
@@ -47,24 +47,115 @@ def windows(pos: int, end: int, per_image: int):
             pos += count
 
 
+# Compiled base models live in the model object itself, in its __dict__ under this name
+# (not an nn.Module attribute: no submodule, no state_dict entry): {key: compiled}, the key
+# holding the torch.compile arguments, the input shape (rows included), dtype, device,
+# autocast dtype and memory format. The compiled module refers back to the model, a cycle
+# the garbage collector frees with the model (a WeakKeyDictionary would keep the model
+# alive through its value). Callables without a __dict__ are compiled at every run.
+COMPILED_ATTR = "_dssn_compiled"
+
+
+class CompiledCache(dict):
+    """The compiled forms of one model; copied or pickled with the model as empty (they
+    are recompiled when needed)."""
+
+    def __reduce__(self):
+        return (CompiledCache, ())
+
+    def __deepcopy__(self, memo):
+        return CompiledCache()
+
+
+def compiled_cache(model) -> dict:
+    """The model's CompiledCache (created at the first call), or a fresh dict when the
+    model has no __dict__ to hold it."""
+    try:
+        attrs = vars(model)
+    except TypeError:
+        return {}
+    cache = attrs.get(COMPILED_ATTR)
+    if not isinstance(cache, CompiledCache):
+        try:
+            cache = attrs[COMPILED_ATTR] = CompiledCache()
+        except TypeError:  # a read-only mapping
+            return {}
+    return cache
+
+
+def _uses_cudagraphs(kwargs: dict, device) -> bool:
+    mode = kwargs.get("mode")
+    return torch.device(device).type == "cuda" and mode == "reduce-overhead" \
+        and kwargs.get("backend", "inductor") == "inductor"
+
+
+def compiled_model(model, compile: dict, *, rows: int, shape, dtype, device, autocast=None,
+                   channels_last=False):
+    """``torch.compile(model, dynamic=False, **compile)``, cached for the life of ``model``
+    per (arguments, [rows, *shape], dtype, device, autocast, channels_last): a run, and
+    every later run at the same shape, compiles the model once. ``compile`` is checked
+    (checks.check_compile); ``{}`` picks "reduce-overhead" (CUDA graphs) on CUDA and the
+    default mode elsewhere."""
+    kwargs = dict(compile)
+    if "mode" not in kwargs and "options" not in kwargs \
+            and torch.device(device).type == "cuda" \
+            and kwargs.get("backend", "inductor") == "inductor":
+        kwargs["mode"] = "reduce-overhead"
+    key = (tuple(sorted((k, v if isinstance(v, (str, bool, type(None))) else repr(v))
+                        for k, v in kwargs.items())),
+           (rows, *tuple(shape)), dtype, str(torch.device(device)), autocast,
+           bool(channels_last))
+    cache = compiled_cache(model)
+    if key not in cache:
+        cache[key] = torch.compile(model, dynamic=False, **kwargs)
+    return cache[key], _uses_cudagraphs(kwargs, device)
+
+
 class ModelCall:
     """How the model is called on a workspace batch: the input dtype (float32, or
     float16/bfloat16 for models converted to that type: the variants are then the nearest
     values of that type), ``channels_last`` memory format for 4-D input, ``autocast`` to
-    run the model in reduced precision under torch.autocast, and cudnn.benchmark."""
+    run the model in reduced precision under torch.autocast, cudnn.benchmark, and
+    ``compile`` (None, or torch.compile's arguments: checks.check_compile): the model is
+    compiled once for the workspace's static shape and every forward, the last partial
+    one included, runs on the whole workspace (the rows past the batch are padding and
+    never vote)."""
 
     def __init__(self, dtype=torch.float32, channels_last=False, autocast=None,
-                 cudnn_benchmark=None):
+                 cudnn_benchmark=None, compile=None):
         """Takes checked options: the entry points build it with ``checked``."""
         self.dtype, self.channels_last = dtype, bool(channels_last)
         self.autocast, self.cudnn_benchmark = autocast, cudnn_benchmark
+        self.compile = compile
 
     @classmethod
     def checked(cls, dtype=torch.float32, channels_last=False, autocast=None,
-                cudnn_benchmark=None) -> "ModelCall":
+                cudnn_benchmark=None, compile=False) -> "ModelCall":
         """The options as the user passed them, checked (checks.py)."""
         return cls(check_model_dtype(dtype), channels_last, check_autocast(autocast),
-                   cudnn_benchmark)
+                   cudnn_benchmark, check_compile(compile))
+
+    @property
+    def padded(self) -> bool:
+        """Whether every forward runs at the workspace's full shape (compiled models)."""
+        return self.compile is not None
+
+    def workspace_rows(self, batch_size: int, total: int) -> int:
+        """Rows of the workspace for ``total`` inputs at forward batch ``batch_size``: the
+        batch size itself when compiled (one shape for every run at that batch size), else
+        no more than the inputs."""
+        return batch_size if self.padded else min(batch_size, total)
+
+    def prepare(self, model, *, rows: int, shape, device):
+        """The callable the forwards of a run use: ``model`` itself, or its compiled form
+        for inputs [rows, *shape] (compiled_model)."""
+        if self.compile is None:
+            self._cudagraphs = False
+            return model
+        compiled, self._cudagraphs = compiled_model(
+            model, self.compile, rows=rows, shape=shape, dtype=self.dtype, device=device,
+            autocast=self.autocast, channels_last=self.channels_last)
+        return compiled
 
     @contextlib.contextmanager
     def session(self):
@@ -82,6 +173,9 @@ class ModelCall:
     def __call__(self, model, inputs):
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if getattr(self, "_cudagraphs", False):
+            # CUDA graphs reuse their output buffers: the last logits were voted already
+            torch.compiler.cudagraph_mark_step_begin()
         if self.autocast is None:
             return model(inputs)
         with torch.autocast(inputs.device.type, dtype=self.autocast):
@@ -115,8 +209,12 @@ class VoteRounds:
 
     def __enter__(self) -> "VoteRounds":
         self._stack.enter_context(self.call.session())
-        self.workspace = torch.empty((self.rows_max, self.d), dtype=self.call.dtype,
-                                     device=self.device)
+        # padded rows hold zeros until a round writes them (never uninitialized memory)
+        alloc = torch.zeros if self.call.padded else torch.empty
+        self.workspace = alloc((self.rows_max, self.d), dtype=self.call.dtype,
+                               device=self.device)
+        self.forward = self.call.prepare(self.model, rows=self.rows_max, shape=self.shape,
+                                         device=self.device)
         self.nan_rows = torch.zeros(1, dtype=torch.int64, device=self.device)
         return self
 
@@ -132,8 +230,13 @@ class VoteRounds:
         device: no host sync."""
         block = self.workspace[:rows]
         fill(block)
-        logits = self.call(self.model, block.view(rows, *self.shape))
-        check_logits(logits, rows, self.num_classes)
+        if self.call.padded:  # the whole workspace, one static shape; padding never votes
+            logits = self.call(self.forward, self.workspace.view(self.rows_max, *self.shape))
+            check_logits(logits, self.rows_max, self.num_classes)
+            logits = logits[:rows]
+        else:
+            logits = self.call(self.forward, block.view(rows, *self.shape))
+            check_logits(logits, rows, self.num_classes)
         if self.counts is None:
             self._allocate(logits.shape[1])
         if image_of_row is None:
@@ -196,7 +299,7 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
         raise ValueError("run_votes: a margin needs return_ambiguous=True (ambiguous inputs "
                          "vote for no class)")
     total = num_images * per_image
-    rows_max = min(batch_size, total)
+    rows_max = (call or ModelCall()).workspace_rows(batch_size, total)
     on_cpu = torch.device(device).type == "cpu"
     rounds = VoteRounds(model, shape=shape, rows_max=rows_max, num_images=num_images,
                         backend=backend, device=device, num_classes=num_classes, call=call,

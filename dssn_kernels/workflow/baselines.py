@@ -26,7 +26,7 @@ from scipy.stats import binomtest
 from ..backends import resolve_backend
 from ..checks import check_batch_size, check_eval_mode, check_generator
 from ..noises import ssn_noise, uniform_noise
-from ..pipeline import run_votes
+from ..pipeline import ModelCall, run_votes
 from ..spec import lam_from_sigma
 
 ABSTAIN = -1
@@ -69,10 +69,12 @@ def _check_args(x, sigma, n0, n, alpha):
         raise ValueError(f"alpha must be a float in (0, 0.5), got {alpha!r}")
 
 
-def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, progress, desc):
+def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, progress, desc,
+                compile=False, autocast=None):
     _check_args(x, sigma, n0, n, alpha)
     batch_size = check_batch_size(batch_size)
     generator = check_generator(generator)
+    call = ModelCall.checked(autocast=autocast, compile=compile)
     check_eval_mode(model)
     backend = resolve_backend("auto", x.device)
     lam = lam_from_sigma(sigma)
@@ -85,7 +87,7 @@ def _certify_mc(model, x, noise, *, sigma, n0, n, alpha, batch_size, generator, 
     def votes(per_image, num_classes=None):
         return run_votes(model, fill, num_images=x.shape[0], per_image=per_image, shape=shape,
                          batch_size=batch_size, backend=backend, device=x.device,
-                         num_classes=num_classes, progress=progress, desc=desc)
+                         num_classes=num_classes, progress=progress, desc=desc, call=call)
 
     selection = votes(n0)
     counts = votes(n, selection.shape[1])
@@ -108,16 +110,21 @@ def _ssn_noise(out, x, lam, generator):
 
 
 def certify_uniform(model, x, *, sigma, n0=64, n=100_000, alpha=0.001, batch_size=None,
-                    generator=None, progress=False) -> MonteCarloCertificate:
-    """Yang et al. (2020) uniform-noise L1 certificate by Monte Carlo (n0 + n forwards)."""
+                    generator=None, progress=False, compile=False,
+                    autocast=None) -> MonteCarloCertificate:
+    """Yang et al. (2020) uniform-noise L1 certificate by Monte Carlo (n0 + n forwards).
+    ``compile``, ``autocast``: how the model runs, as in dk.certify (compiled once for the
+    workspace's shape, shared by the selection and estimation passes)."""
     return _certify_mc(model, x, _uniform_noise, sigma=sigma, n0=n0, n=n, alpha=alpha,
                        batch_size=batch_size, generator=generator, progress=progress,
-                       desc="uniform")
+                       desc="uniform", compile=compile, autocast=autocast)
 
 
 def certify_ssn(model, x, *, sigma, n0=64, n=100_000, alpha=0.001, batch_size=None,
-                generator=None, progress=False) -> MonteCarloCertificate:
-    """Randomized SSN (independent splits) L1 certificate by Monte Carlo."""
+                generator=None, progress=False, compile=False,
+                autocast=None) -> MonteCarloCertificate:
+    """Randomized SSN (independent splits) L1 certificate by Monte Carlo (``compile``,
+    ``autocast`` as in certify_uniform)."""
     return _certify_mc(model, x, _ssn_noise, sigma=sigma, n0=n0, n=n, alpha=alpha,
                        batch_size=batch_size, generator=generator, progress=progress,
-                       desc="ssn")
+                       desc="ssn", compile=compile, autocast=autocast)

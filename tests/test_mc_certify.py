@@ -148,7 +148,10 @@ def test_default_method_is_the_training_noise(tmp_path, capsys):
     code, _, err = run(["certify", str(ckpt), "--out", str(out), "--max", "1", "--n0", "2",
                         "--n", "3", "--no-progress"], capsys)
     assert code == 0, err
-    assert read_results(out).meta["method"] == "ssn"
+    meta = read_results(out).meta
+    assert meta["method"] == "ssn" and meta["training"] == {"noise": "ssn", "stability": False}
+    from dssn_kernels.workflow.analysis import load_results
+    assert load_results([str(out)])[0].label == "Independent SSN"
 
 
 def test_two_ranks_write_the_rows_of_one_process(tmp_path, capsys):

@@ -10,6 +10,12 @@ the label, whatever the radius; clean accuracy is its mean. Files certified with
 (results.py) have rows with a negative radius (-1/q): the prediction is not certified
 even at radius 0, so such a row is certified at no radius, 0 included, though it may
 still count as correct (clean accuracy).
+
+Monte Carlo result files (``dssn certify --method ssn|uniform``) and the result folders
+of the paper's released code (released.py) are read alike; each file's default label
+(its row in the best-over-sigma table) is its method and training: "DSSN",
+"Independent SSN", "Uniform (Yang et al.)", with ", stability" for stability-trained
+models and "(published)" for a released folder.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 from ..spec import lam_from_sigma, sigma_from_lam
 from .results import ResultsError, meta_margin, read_results
 
+METHOD_LABELS = {"dssn": "DSSN", "ssn": "Independent SSN", "uniform": "Uniform (Yang et al.)"}
 TABLE1_RADII = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)   # the paper's Table 1 (q = 255)
 RADIUS_TOLERANCE = 1e-9  # radii are steps/q; a typed radius may differ in the last bits
 
@@ -90,13 +97,27 @@ def sigma_label(res: Result) -> str:
     return "?" if s is None else f"{s:g}"
 
 
+def default_label(meta: dict) -> str:
+    """A result file's row name: its method, and ", stability" for a model trained so
+    (the header's ``training``, written for stability or non-DSSN training)."""
+    method = meta.get("method", "dssn") if isinstance(meta, dict) else "dssn"
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    return (METHOD_LABELS.get(method, str(method))
+            + (", stability" if training.get("stability") else ""))
+
+
 def load_result(path, label: str | None = None) -> Result:
-    """Reads a result file (checked as in results.py); ``label`` names its row group in
-    the best-over-sigma table (default "DSSN")."""
+    """Reads a result file (checked as in results.py), or a result folder of the paper's
+    released code (released.py); ``label`` names its row group in the best-over-sigma
+    table (default: default_label)."""
+    if Path(path).is_dir():
+        from .released import load_released
+
+        return Result(**load_released(path, label))
     rf = read_results(path)
     rows = rf.rows
     return Result(
-        path=str(path), label=label or "DSSN",
+        path=str(path), label=label or default_label(rf.meta),
         spec=rf.meta.get("spec", {}) if isinstance(rf.meta.get("spec"), dict) else {},
         dataset=rf.meta.get("dataset", {}) if isinstance(rf.meta.get("dataset"), dict) else {},
         idx=np.array([r.idx for r in rows], dtype=np.int64),

@@ -147,6 +147,10 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     stop = len(ds) if max_index is None or max_index < 0 else min(len(ds), max_index)
     meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin,
                         selection(skip, stop), method, monte_carlo)
+    if training.get("stability") or training.get("noise", "dssn") != "dssn":
+        # the model's training, for analyze's rows (DSSN-trained headers are unchanged)
+        meta["training"] = {"noise": training.get("noise", "dssn"),
+                            "stability": bool(training.get("stability"))}
 
     ctx = context or Context.from_env(device, dist_backend)
     try:

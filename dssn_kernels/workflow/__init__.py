@@ -12,15 +12,17 @@ imports this package.
 | --- | --- |
 | ``cli`` | the ``dssn`` command (``python -m dssn_kernels``) |
 | ``trainer`` | ``train``: a base classifier under DSSN noise -> checkpoint |
+| ``denoiser`` | ``train_denoiser``: a DnCNN in front of a frozen classifier (denoised smoothing) -> checkpoint |
 | ``certify_data`` | ``certify_dataset``: a data split -> resumable result TSV, sharded under torchrun |
 | ``checkpoint`` | checkpoints with their smoothing spec |
-| ``models`` | SmallCNN, WideResNet-40-2, ResNet-50 |
+| ``models`` | SmallCNN, WideResNet-40-2, ResNet-50, the DnCNN denoiser |
 | ``data`` | digits (bundled), CIFAR-10 and ImageNet from local folders |
 | ``results`` | the result TSV: format, checks, resume, merge |
 | ``analysis`` | certified-accuracy tables and plots |
 | ``distributed`` | torchrun ranks |
 | ``baselines`` | Monte Carlo certification (uniform noise, independent SSN) |
 | ``demo`` | the main job on digits |
+| ``denoise_demo`` | denoisers against DSSN training on digits (issue 13) |
 """
 from .certify_data import certify_dataset, results_meta
 from .options import USER_ERRORS, WorkflowError, resolve_device

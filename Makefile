@@ -1,7 +1,8 @@
 # make demo   sets everything up (.venv, CPU torch, the C++ extension) and runs the demo
 # make test   sets everything up and runs the test suite
-# make cuda-build-check   builds the CUDA extension against a CUDA torch in .venv-cuda (no
-#             GPU needed) and checks its registration and argument checks (CI runs it)
+# make cuda-build-check   builds the CUDA extension against a CUDA torch in a second venv
+#             (cached in ~/.cache/dssn-kernels; no GPU needed) and checks its registration
+#             and argument checks (CI runs it)
 # make gpu-check   on a GPU machine, with its own python (no venv, no download): builds for
 #             the visible GPU, runs the GPU tests, compute-sanitizer and the GPU benchmarks
 PYTHON ?= python3
@@ -10,8 +11,8 @@ PY := $(VENV)/bin/python
 # The PATH before the venv's bin is put first: gpu-check runs the machine's own python.
 SYSTEM_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-CUDA_VENV ?= .venv-cuda
 CUDA_ARCH ?= 7.5
+CUDA_BUILD_CHECK_ARGS ?=
 GPU_PYTHON ?= python3
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
 GPU_CHECK_ARGS ?=
@@ -37,7 +38,7 @@ bench: setup
 	$(PY) benchmarks/run_all.py
 
 cuda-build-check:
-	PATH="$(SYSTEM_PATH)" $(PYTHON) scripts/cuda_build_check.py --venv $(CUDA_VENV) --arch $(CUDA_ARCH)
+	PATH="$(SYSTEM_PATH)" $(PYTHON) scripts/cuda_build_check.py --arch $(CUDA_ARCH) $(CUDA_BUILD_CHECK_ARGS)
 
 gpu-check:
 	PATH="$(SYSTEM_PATH)" $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

@@ -129,15 +129,24 @@ class Runner:
         with open(self.out / "logs" / log, "w") as f:
             f.write(f"$ {rec['command']}\n")
             f.flush()
-            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=f,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
-                rc = proc.wait(timeout=limit)
-                rec["status"] = "ok" if rc == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)   # the step's own process group
-                rc = proc.wait()
-                rec["status"] = "timeout"
+                proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=f,
+                                        stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            except OSError as exc:
+                proc, rc = None, None
+                rec.update(status="failed", detail=f"could not start: {exc}")
+            if proc is not None:
+                try:
+                    rc = proc.wait(timeout=limit)
+                    rec["status"] = "ok" if rc == 0 else "failed"
+                except subprocess.TimeoutExpired:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)   # the step's own process group
+                    except ProcessLookupError:
+                        pass
+                    rc = proc.wait()
+                    rec["status"] = "timeout"
         rec.update(returncode=rc, seconds=round(time.monotonic() - t, 1))
         self.records.append(rec)
         print(f"[gpu-check] {name}: {rec['status']} ({rec['seconds']} s)", flush=True)
@@ -381,26 +390,31 @@ def step_sanitizer(r: Runner, p: dict, dry: bool, state: dict):
     backends = [b for b in (("cpp",) if dry else ("cuda", "triton", "torch"))
                 if b in probe_.get("backends", [])]
     tool = None if dry else find_sanitizer()
+    state["sanitizer_tool"] = tool
     if not dry and tool is None:
         r.note("sanitizer", "compute-sanitizer", "unavailable",
                "compute-sanitizer not found (PATH, CUDA_HOME/bin, "
                "CUDA_HOME/compute-sanitizer): memcheck not run")
-    state["sanitizer_tool"] = tool
+        return
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # OOB past an allocation
     for backend in backends:
-        target = [r.python, __file__, "--sanitizer-target", backend, "--device", p["device"]]
-        if dry or tool is None:
-            if not dry:
-                continue
-            cmd = target
-        else:
+        cmd = [r.python, __file__, "--sanitizer-target", backend, "--device", p["device"]]
+        if not dry:
             cmd = [tool, "--tool", "memcheck", "--error-exitcode", "97", "--print-limit",
-                   "20"] + target
+                   "20"] + cmd
         rec = r.run("sanitizer", f"memcheck {backend}", cmd, p["caps"]["sanitizer"],
                     f"sanitizer_{backend}.log", env=env)
         text = r.log_text(rec)
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
         rec["sanitizer_errors"] = int(m.group(1)) if m else None
+        if not dry and rec["status"] == "failed" and m is None:
+            rec["status"] = "tool-error"
+            rec["detail"] = "compute-sanitizer printed no ERROR SUMMARY: it did not run the " \
+                            "target to the end (see the log)"
+        elif not dry and rec["status"] == "failed":
+            rec["detail"] = (f"{rec['sanitizer_errors']} memcheck error(s)"
+                             if rec.get("returncode") == 97 else
+                             "the target failed (counts differ from the torch backend?)")
         lines = [ln for ln in text.splitlines() if ln.startswith("{")]
         rec["result"] = json.loads(lines[-1]) if lines else None
         if dry:

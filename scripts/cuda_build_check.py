@@ -1,27 +1,35 @@
 """`make cuda-build-check`: build the real CUDA extension against a CUDA build of torch and
 check what can be checked without a GPU (scripts/check_cuda_binding.py).
 
-    python3 scripts/cuda_build_check.py [--venv .venv-cuda] [--arch 7.5]
+    python3 scripts/cuda_build_check.py [--arch 7.5] [--cache DIR]
 
 1. Finds the torch 2.14.1 CUDA wheel on this machine's disk (the file:// indexes and
    find-links folders of pip's configuration); without it, prints one line saying so and
    exits 0 (the only skip).
-2. A second virtual environment (``--venv``, default .venv-cuda, git-ignored) with that
-   torch and numpy, scipy, tqdm, ninja, setuptools, wheel from pip. It is reused when a
-   previous run completed it (same wheel, marker file), and rebuilt otherwise.
+2. A second virtual environment with that torch (installed from the wheel's path) and
+   numpy, scipy, tqdm, ninja, setuptools, wheel from pip. It lives in a cache folder
+   outside the checkout (--cache, default $DSSN_CUDA_BUILD_CACHE or
+   ~/.cache/dssn-kernels/cuda-build-check) so that other checkouts on the machine, CI's
+   fresh clone included, reuse it; it is reused only when a previous run completed it
+   (same wheel, marker file written last) and rebuilt otherwise. Nothing depends on the
+   cache: a cold run does everything.
 3. Copies the package's sources (what git tracks plus untracked files it does not ignore)
-   into build/cuda-build-check/src and builds the extension there with
-   ``setup.py build_ext --inplace`` for TORCH_CUDA_ARCH_LIST=--arch (sm_75, the
-   RTX 2080 Ti) with CUDA_HOME set. The source tree's own dssn_kernels/_C*.so (the CPU
-   venv's, same file name for the same Python) is never touched. The copy keeps its build
-   folder between runs, so a rerun recompiles only what changed.
+   into <cache>/build/src and builds the extension there with ``setup.py build_ext
+   --inplace --force`` for TORCH_CUDA_ARCH_LIST=--arch (sm_75, the RTX 2080 Ti) with
+   CUDA_HOME set. The checkout's own dssn_kernels/_C*.so (the CPU venv's, same file name
+   for the same Python) is never touched. Files whose content did not change keep their
+   copy's time stamp, so ninja recompiles only what changed, also from a fresh clone;
+   --force makes setuptools always hand over to ninja and relink (setuptools alone would
+   miss a changed header).
 4. Runs scripts/check_cuda_binding.py with the venv's python on that build.
 
-Stdlib only: runs with any python3 (the venv is made from it).
+A lock file in the cache serializes concurrent runs. Stdlib only: runs with any python3
+(the venv is made from it).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import html.parser
 import os
 import shutil
@@ -38,6 +46,9 @@ EXTRA_PACKAGES = ["numpy", "scipy", "tqdm", "ninja", "setuptools", "wheel"]
 COPY_PREFIXES = ("csrc/", "dssn_kernels/", "python/", "scripts/")
 COPY_FILES = ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in")
 MARKER = ".dssn-cuda-build-check"
+DEFAULT_CACHE = os.environ.get("DSSN_CUDA_BUILD_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+    "dssn-kernels", "cuda-build-check")
 
 
 def say(msg):
@@ -155,7 +166,9 @@ def make_venv(venv, wheel, log):
         shutil.rmtree(venv)
     run([sys.executable, "-m", "venv", venv], log)
     # The wheel by path: torch comes from the disk whatever the indexes offer.
-    run([venv_python(venv), "-m", "pip", "install", "-q", wheel] + EXTRA_PACKAGES, log)
+    # --no-compile: no .pyc for torch's thousands of files (the check imports few of them)
+    run([venv_python(venv), "-m", "pip", "install", "-q", "--no-compile", wheel]
+        + EXTRA_PACKAGES, log)
     with open(os.path.join(venv, MARKER), "w", encoding="utf-8") as f:
         f.write(os.path.basename(wheel) + "\n")
 
@@ -183,19 +196,24 @@ def source_files():
                   and os.path.isfile(os.path.join(ROOT, p)))
 
 
+def same_content(a, b):
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
 def sync_copy(dest):
-    """Mirror source_files() into dest, copying only changed files (mtimes kept, so ninja
-    rebuilds only what changed) and dropping files that left the tree; dest's build/
+    """Mirror source_files() into dest: copies a file only when its content changed (an
+    unchanged file keeps its copy's time stamp, so ninja does not recompile it, even from a
+    fresh clone whose files are all new) and drops files that left the tree; dest's build/
     folder and built extension stay."""
     wanted = source_files()
     os.makedirs(dest, exist_ok=True)
     for rel in wanted:
         src, dst = os.path.join(ROOT, rel), os.path.join(dest, rel)
-        s = os.stat(src)
-        if os.path.exists(dst):
-            d = os.stat(dst)
-            if d.st_size == s.st_size and int(d.st_mtime) == int(s.st_mtime):
-                continue
+        if os.path.isfile(dst) and same_content(src, dst):
+            continue
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copy2(src, dst)
     keep = set(wanted)
@@ -242,9 +260,11 @@ def run(cmd, log, cwd=None, env=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--venv", default=os.path.join(ROOT, ".venv-cuda"))
     parser.add_argument("--arch", default="7.5", help="TORCH_CUDA_ARCH_LIST (default 7.5)")
-    parser.add_argument("--build-dir", default=os.path.join(ROOT, "build", "cuda-build-check"))
+    parser.add_argument("--cache", default=DEFAULT_CACHE,
+                        help="folder of the venv and the build (default %(default)s)")
+    parser.add_argument("--venv", default=None, help="the venv (default <cache>/venv-...)")
+    parser.add_argument("--build-dir", default=None, help="the build (default <cache>/build)")
     parser.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 4)))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -260,28 +280,42 @@ def main(argv=None):
         say("FAILED: no CUDA toolkit (nvcc and include/cuda_runtime.h) found; set CUDA_HOME")
         return 1
 
-    os.makedirs(args.build_dir, exist_ok=True)
-    log = os.path.join(args.build_dir, "build.log")
+    cache = os.path.abspath(args.cache)
+    venv = os.path.abspath(args.venv or os.path.join(cache, f"venv-torch{TORCH_VERSION}-{tag}"))
+    build_dir = os.path.abspath(args.build_dir or os.path.join(cache, "build"))
+    os.makedirs(cache, exist_ok=True)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(cache, "lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another cuda-build-check using {cache} ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_and_check(args, wheel, home, venv, build_dir, t0)
+
+
+def build_and_check(args, wheel, home, venv, build_dir, t0):
+    log = os.path.join(build_dir, "build.log")
     open(log, "w").close()
-    venv = os.path.abspath(args.venv)
     t = time.perf_counter()
     if venv_complete(venv, wheel):
-        say(f"reusing {os.path.relpath(venv, ROOT)} (torch {TORCH_VERSION} from {wheel})")
+        say(f"reusing {venv} (torch {TORCH_VERSION} from {wheel})")
     else:
-        say(f"creating {os.path.relpath(venv, ROOT)}: torch {TORCH_VERSION} from {wheel} "
-            f"and {' '.join(EXTRA_PACKAGES)}")
+        say(f"creating {venv}: torch {TORCH_VERSION} from {wheel} and "
+            f"{' '.join(EXTRA_PACKAGES)}")
         make_venv(venv, wheel, log)
     t_venv = time.perf_counter() - t
 
     t = time.perf_counter()
-    src = os.path.join(args.build_dir, "src")
+    src = os.path.join(build_dir, "src")
     n = sync_copy(src)
     env = dict(os.environ, CUDA_HOME=home, TORCH_CUDA_ARCH_LIST=args.arch,
                MAX_JOBS=str(args.jobs))
     env.pop("DSSN_NO_CUDA", None)
-    say(f"building {n} files in {os.path.relpath(src, ROOT)} for TORCH_CUDA_ARCH_LIST={args.arch} "
-        f"(CUDA_HOME={home}, MAX_JOBS={args.jobs})")
-    run([venv_python(venv), "setup.py", "build_ext", "--inplace"], log, cwd=src, env=env)
+    say(f"building {n} files in {src} for TORCH_CUDA_ARCH_LIST={args.arch} "
+        f"(CUDA_HOME={home}, MAX_JOBS={args.jobs}; log {log})")
+    run([venv_python(venv), "setup.py", "build_ext", "--inplace", "--force"], log, cwd=src,
+        env=env)
     t_build = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -219,3 +219,13 @@ def test_refusals(clean_classifier, tmp_path, capsys):
     code, _, err = run(["train-denoiser", str(tmp_path / "missing.pt"), "--out",
                         str(tmp_path / "x.pt")] + base, capsys)
     assert code == 2 and "missing.pt" in err, err
+
+
+def test_denoise_demo_quick(tmp_path, capsys):
+    from dssn_kernels.workflow import denoise_demo
+
+    files = denoise_demo.main(["--quick", "--sigmas", "0.5", "--out", str(tmp_path)])
+    assert list(files) == list(denoise_demo.LABELS)
+    text = capsys.readouterr().out
+    assert "Table 1" in text and all(f"| {label} |" in text for label in denoise_demo.LABELS)
+    assert (tmp_path / "table.md").is_file()

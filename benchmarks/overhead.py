@@ -216,6 +216,123 @@ def measure(args, model) -> list[dict]:
     return rows
 
 
+# --- precision rows: compiled and bfloat16 certification ------------------------------
+
+# bfloat16 runs channels_last: oneDNN's bf16 convolutions on a CPU are ~2x faster in that
+# memory format (contiguous bf16 is barely faster than fp32 there).
+PRECISION_CONFIGS = (
+    ("eager fp32", {}),
+    ("compiled", {"compile": True}),
+    ("bf16 autocast, channels_last", {"autocast": torch.bfloat16, "channels_last": True}),
+    ("compiled + bf16, channels_last", {"compile": True, "autocast": torch.bfloat16,
+                                        "channels_last": True}),
+)
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (None: no /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def measure_precision(args, model) -> list[dict]:
+    """Per sigma: the eager fp32 forward passes alone (the baseline), and certify eager
+    fp32, compiled (torch.compile, dynamic=False, one static shape), eager under bfloat16
+    autocast and compiled under bfloat16 autocast, on the same images at the same forward
+    batch. The first call of a compiled configuration compiles: its time is reported apart
+    (first call - median call) with the graphs dynamo compiled during it and during the
+    timed repetitions (torch._dynamo's counters["stats"]["unique_graphs"]; 1 and 0 mean
+    one compilation per run, the tail included). Votes differ = half the L1 distance of
+    the counts to eager fp32's (votes that went to another class), reported, never hidden.
+    Inductor's on-disk FX graph cache is off, so compile times are those of a cold start."""
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    torch._inductor.config.fx_graph_cache = False
+    device, bs = args.device, args.batch_size
+    backend = args.backends[0]
+    x = make_images(args.images, args.seed, device)
+    rows = []
+    for sigma in args.sigmas:
+        L = dk.num_variants(sigma, q=Q)
+        total = args.images * L
+        buffer = variant_buffer(x, sigma, min(bs, total))
+        methods = {"forward": lambda: forward_only(model, buffer, total, bs)}
+        for name, kw in PRECISION_CONFIGS:
+            if "compile" in kw and args.compile_backend != "inductor":
+                kw = {**kw, "compile": {"backend": args.compile_backend}}
+            methods[name] = (lambda kw=kw: dk.certify(model, x, sigma=sigma, q=Q, batch_size=bs,
+                                                      backend=backend, **kw))
+        first, compiles, counts = {}, {}, {}
+        for name in methods:                  # first calls: compile where compiled
+            before = counters["stats"]["unique_graphs"]
+            box = {}
+            first[name] = bc.timed(lambda name=name: box.setdefault("out", methods[name]()),
+                                   device)
+            compiles[name] = counters["stats"]["unique_graphs"] - before
+            if name != "forward":
+                counts[name] = box["out"].counts.long().cpu()
+        before = counters["stats"]["unique_graphs"]
+        names = list(methods)
+        times = {name: [] for name in names}
+        for rep in range(args.repeats):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                times[name].append(bc.timed(methods[name], device))
+        recompiles = counters["stats"]["unique_graphs"] - before
+        fwd = statistics.median(times["forward"])
+        ref = counts["eager fp32"]
+        row = {"sigma": sigma, "L": L, "inputs": total, "batch_size": bs, "backend": backend,
+               "forward_median_s": fwd, "graphs_during_repeats": recompiles, "configs": {}}
+        for name in names:
+            med = statistics.median(times[name])
+            cfg = {"median_s": med, "min_s": min(times[name]), "times_s": times[name],
+                   "first_call_s": first[name], "ratio_to_forward": med / fwd,
+                   "speedup_over_forward": fwd / med, "graphs_first_call": compiles[name]}
+            if name != "forward":
+                cfg["compile_s"] = first[name] - med if "compiled" in name else 0.0
+                cfg["votes_differ"] = int((counts[name] - ref).abs().sum()) // 2
+            row["configs"][name] = cfg
+        rows.append(row)
+        print(f"precision sigma {sigma:g} (L {L}): " + ", ".join(
+            f"{n} {row['configs'][n]['speedup_over_forward']:.2f}x" for n in names
+            if n != "forward") + " faster than the eager fp32 forward", file=sys.stderr)
+    return rows
+
+
+def precision_markdown(result) -> list[str]:
+    env = result["environment"]
+    bf16 = {True: "AVX512-BF16/AMX-BF16: yes", False: "AVX512-BF16/AMX-BF16: no",
+            None: "AVX512-BF16: unknown"}[env.get("cpu_bf16")]
+    lines = ["", f"Compiled and bfloat16 certification ({env['model_name']}; {bf16}); "
+                 f"`x faster` = eager fp32 forward-only time / time (median of "
+                 f"{env['repeats']}, same run); compile s = first call - median call "
+                 f"(torch.compile backend {env.get('compile_backend', 'inductor')}, dynamic="
+                 f"False; inductor's disk cache off: a cold compile); graphs = graphs dynamo compiled in "
+                 f"the first call (1 = one compilation for the run, the padded tail "
+                 f"included) and in all timed repetitions after it; votes differ = votes that "
+                 f"went to another class than under eager fp32:", ""]
+    body = []
+    for row in result["precision"]:
+        fwd = row["forward_median_s"]
+        body.append([f"{row['sigma']:g}", str(row["L"]), "forward only, eager fp32",
+                     f"{fwd:.4f}", "1.00", "-", "-", "-"])
+        for name, c in row["configs"].items():
+            if name == "forward":
+                continue
+            body.append([f"{row['sigma']:g}", str(row["L"]), f"certify, {name}",
+                         f"{c['median_s']:.4f}", f"{c['speedup_over_forward']:.2f}",
+                         f"{c['compile_s']:.1f}" if "compiled" in name else "-",
+                         f"{c['graphs_first_call']} + {row['graphs_during_repeats']}"
+                         if "compiled" in name else "-", str(c["votes_differ"])])
+    return lines + bc.md_table(["sigma", "L", "run", "median (s)", "x faster",
+                                "compile (s)", "graphs", "votes differ"], body)
+
+
 # --- memory probe (each CPU probe runs in a fresh subprocess) -------------------------
 
 def _proc_status_bytes(key: str):
@@ -356,7 +473,9 @@ def environment(args, model) -> dict:
     return bc.environment(args.device, args.model, model, args.backends,
                           batch_size=args.batch_size, images=args.images,
                           repeats=args.repeats, sigmas=list(args.sigmas), quick=args.quick,
-                          naive=not args.no_naive, seed=args.seed)
+                          naive=not args.no_naive, seed=args.seed,
+                          cpu_bf16=cpu_has_bf16(),
+                          compile_backend=getattr(args, "compile_backend", "inductor"))
 
 
 def _mib(b):
@@ -373,6 +492,8 @@ def markdown(result) -> str:
              f"noise formula broadcast into a [chunk, d] tensor per image, one-hot float "
              f"votes) on the same model.", ""]
     timings = result["timings"]
+    if not timings and result.get("precision"):    # --precision-only
+        return "\n".join(lines[:3] + precision_markdown(result)) + "\n"
     names = [n for n in timings[0]["methods"] if n != "forward"] if timings else []
     head = ["sigma", "L", "inputs B*L", "forward (s)"] + \
            [f"{n} (s)" for n in names] + [f"{n} ratio" for n in names]
@@ -410,6 +531,8 @@ def markdown(result) -> str:
             + ["n/a" if r["increase_ratio"] is None else f"{r['increase_ratio']:.3f}",
                " / ".join(_mib(b) for b in r["peak_rss_bytes"])]
             for r in mem["summary"]])
+    if result.get("precision"):
+        lines += precision_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -465,6 +588,16 @@ def parse_args(argv=None):
     p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--precision-rows", action="store_true",
+                   help="also time certify compiled (torch.compile), under bfloat16 autocast "
+                        "and both, against the eager fp32 forward passes, with compile times, "
+                        "compilations counted and votes that differ from eager fp32")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the precision rows (default inductor; "
+                        "eager or aot_eager: a quick check of the table, not of speed)")
+    p.add_argument("--precision-only", action="store_true",
+                   help="only the --precision-rows table (no other timing, kernel or "
+                        "memory measurement)")
     p.add_argument("--memory-sigmas", type=float, nargs="+", default=None,
                    help="default 0.25 0.5 1 2 3.5 (quick: 0.25 3.5)")
     p.add_argument("--memory-images", type=int, default=None,
@@ -506,10 +639,14 @@ def main(argv=None) -> dict:
         print(json.dumps(result))
         return result
     model = build_model(args.model, args.seed, args.device)
-    result = {"environment": environment(args, model), "timings": measure(args, model)}
-    result["memory"] = None if args.no_memory else memory(args, model)
+    only = args.precision_only
+    result = {"environment": environment(args, model),
+              "timings": [] if only else measure(args, model)}
+    result["memory"] = None if args.no_memory or only else memory(args, model)
+    if args.precision_rows or only:
+        result["precision"] = measure_precision(args, model)
     return bc.publish(args.out, args.stem, result, markdown(result),
-                      None if args.no_plot else plot)
+                      None if args.no_plot or only else plot)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ Steps (each writes <name>.json and <name>.md into --out, the first two a PNG too
 * ``micro_ops`` (pytest benchmarks/test_micro_ops.py --benchmark-only): the expand and
   vote ops of every available backend; micro_ops.json is pytest-benchmark's JSON;
 * ``early_exit`` (early_exit.py, in a subprocess): variants evaluated and time of the
-  early-exit ``certify_at`` / ``predict`` against the full certificate.
+  early-exit ``certify_at`` / ``predict`` against the full certificate;
+* ``precision`` (only with ``--precision-rows`` or ``--only precision``; overhead.py
+  --precision-only on the small CNN and WRN-40-2, 2 images, sigma 0.25): certify compiled,
+  under bfloat16 autocast and both, as speedups over the eager fp32 forward passes, with
+  the compile times, the compilations counted and the votes that differ from eager fp32
+  (minutes on a CPU: inductor compiles each model twice).
 
 Then summary.json (environment, steps, files, seconds, errors) and summary.md (every
 report in one page). ``--quick`` runs everything small (well under a minute on 2 CPU
@@ -40,6 +45,8 @@ sys.path.insert(0, str(HERE))
 import bench_common as bc  # noqa: E402
 
 STEPS = ("vs_monte_carlo", "overhead", "overhead_large", "micro_ops", "early_exit")
+OPTIONAL_STEPS = ("precision",)
+PRECISION_MODELS = ("small", "wrn40-2")
 LARGE_MODEL = "wrn40-2"
 
 
@@ -78,6 +85,24 @@ def step_overhead_large(args) -> dict:
     else:
         argv += ["--images", "1", "--repeats", "3", "--sigmas", "0.25", "1.0"]
     return overhead.main(argv)["files"]
+
+
+def step_precision(args) -> dict:
+    """overhead.py --precision-only for each of PRECISION_MODELS (2 images, sigma 0.25,
+    forward batch 256, 5 repetitions; --quick: 2), the reports joined in precision.md."""
+    import overhead
+    files, parts = {}, []
+    for model in PRECISION_MODELS:
+        argv = _common(args) + ["--model", model, "--stem", f"precision_{model}",
+                                "--precision-only", "--images", "2", "--sigmas", "0.25",
+                                "--repeats", "2" if args.quick else "5", "--no-plot"]
+        out = overhead.main(argv)["files"]
+        files[f"json_{model}"] = out["json"]
+        parts.append(Path(out["md"]).read_text())
+    md = Path(args.out) / "precision.md"
+    md.write_text("\n".join(parts))
+    files["md"] = str(md)
+    return files
 
 
 def _micro_markdown(data: dict, env: dict, skipped: dict) -> str:
@@ -155,8 +180,11 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("small", "wrn40-2"), default=None,
                    help="model of the Monte Carlo comparison (default: small on a CPU, "
                         "wrn40-2 on a GPU)")
-    p.add_argument("--only", nargs="+", choices=STEPS, default=None, metavar="STEP",
-                   help=f"run only these steps ({', '.join(STEPS)})")
+    p.add_argument("--only", nargs="+", choices=STEPS + OPTIONAL_STEPS, default=None,
+                   metavar="STEP", help=f"run only these steps ({', '.join(STEPS + OPTIONAL_STEPS)})")
+    p.add_argument("--precision-rows", action="store_true",
+                   help="also run the precision step: certify compiled, bf16 and compiled + "
+                        "bf16 on the small CNN and WRN-40-2 against the eager fp32 forward")
     args = bc.parse_args(p, argv)
     if args.model is None:
         args.model = "wrn40-2" if "cuda" in args.device else "small"
@@ -187,7 +215,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = {name: globals()[f"step_{name}"] for name in (args.only or STEPS)}
+    names = list(args.only or STEPS)
+    if args.precision_rows and "precision" not in names:
+        names.append("precision")
+    steps = {name: globals()[f"step_{name}"] for name in names}
     t_all = time.perf_counter()
     results = {}
     for name, fn in steps.items():

@@ -173,3 +173,23 @@ def test_cli_bench_runs_the_suite(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["steps"]) == ["micro_ops"] and summary["steps"]["micro_ops"]["ok"]
     assert (tmp_path / "micro_ops.md").is_file()
+
+
+def test_overhead_precision_rows(tmp_path):
+    """benchmarks/overhead.py --precision-only: the rows eager fp32, compiled, bf16 and
+    compiled + bf16 against the forward passes, with graphs counted (torch.compile's eager
+    backend here: the table and the counting, not inductor's speed)."""
+    result = _load("overhead").main(
+        ["--quick", "--out", str(tmp_path), "--model", "tiny", "--precision-only",
+         "--images", "1", "--repeats", "1", "--compile-backend", "eager"])
+    (row,) = result["precision"]
+    assert row["L"] == 220 and row["graphs_during_repeats"] == 0
+    configs = row["configs"]
+    assert list(configs) == ["forward", "eager fp32", "compiled",
+                             "bf16 autocast, channels_last", "compiled + bf16, channels_last"]
+    assert configs["compiled"]["graphs_first_call"] == 1
+    assert configs["compiled"]["votes_differ"] == 0          # the eager backend: same logits
+    for name, c in configs.items():
+        assert c["median_s"] > 0 and c["speedup_over_forward"] > 0
+    md = (tmp_path / "overhead.md").read_text()
+    assert "| certify, compiled + bf16, channels_last |" in md and "votes differ" in md

@@ -236,3 +236,43 @@ def test_logit_drift_bad_arguments():
         dk.logit_drift(model, x, sigma=0.25, other=dict(autocast=torch.float64))
     with pytest.raises(TypeError):
         dk.logit_drift(model, x, sigma=0.25)            # other is required
+
+
+def test_dssn_certify_records_the_evaluation_and_refuses_another(tmp_path, capsys):
+    """`dssn certify --autocast bf16` (and compile=, here with the eager compile backend
+    through certify_dataset: the CLI's --compile is inductor's) records the evaluation in
+    the header; a resume with other settings is refused, nothing changed."""
+    pytest.importorskip("sklearn")
+    import json
+
+    from dssn_kernels.workflow import certify_data, cli
+    from dssn_kernels.workflow.results import ResultsError
+    from testkit import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "a.pt")
+    tsv = tmp_path / "r.tsv"
+    assert cli.main(["certify", str(ckpt), "--out", str(tsv), "--max", "3", "--no-progress",
+                     "--autocast", "bf16"]) == 0
+    meta = json.loads(tsv.read_text().splitlines()[0].split(" ", 2)[2])
+    assert meta["evaluation"] == {"autocast": "bfloat16"}
+    before = tsv.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["certify", str(ckpt), "--out", str(tsv), "--max", "4",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "different run" in err and "evaluation" in err and "\n" not in err.strip()
+    assert tsv.read_bytes() == before
+    # the same settings resume (a larger --max)
+    assert cli.main(["certify", str(ckpt), "--out", str(tsv), "--max", "4", "--no-progress",
+                     "--autocast", "bf16"]) == 0
+    # compiled: recorded, and refused against the autocast file
+    tsv2 = tmp_path / "c.tsv"
+    certify_data.certify_dataset(ckpt, tsv2, max_index=2, compile=EAGER)
+    meta2 = json.loads(tsv2.read_text().splitlines()[0].split(" ", 2)[2])
+    assert meta2["evaluation"] == {"compile": {"backend": "eager"}}
+    with pytest.raises(ResultsError, match="different run"):
+        certify_data.certify_dataset(ckpt, tsv, max_index=4, compile=EAGER, autocast="bf16")
+    # an eager float32 run keeps the header of before (no evaluation key)
+    tsv3 = tmp_path / "e.tsv"
+    certify_data.certify_dataset(ckpt, tsv3, max_index=1)
+    assert "evaluation" not in tsv3.read_text().splitlines()[0]

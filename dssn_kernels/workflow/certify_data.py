@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..backends import resolve_backend
 from ..certify import certify
-from ..checks import check_margin
+from ..checks import check_autocast, check_compile, check_margin
 from ..spec import lam_from_sigma
 from .checkpoint import SmoothingSpec, file_sha256, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
@@ -60,9 +60,40 @@ def _monte_carlo(method, n0, n, alpha, noise_seed, margin) -> dict | None:
             "noise_seed": int(noise_seed)}
 
 
+AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                  "fp16": torch.float16, "float16": torch.float16}
+
+
+def evaluation_settings(compile=False, autocast=None) -> tuple[dict, dict]:
+    """(the header's record, the certify keyword arguments) of how the model is evaluated:
+    ``compile`` (False, True, a torch.compile mode or a dict of its arguments, as in
+    dk.certify) and ``autocast`` (None, "bf16"/"fp16" or a torch dtype). The record is
+    empty for the eager float32 model (headers of such runs are unchanged)."""
+    if isinstance(autocast, str):
+        if autocast not in AUTOCAST_NAMES:
+            raise WorkflowError(f"bad --autocast {autocast!r}: choose bf16 or fp16")
+        autocast = AUTOCAST_NAMES[autocast]
+    try:
+        autocast = check_autocast(autocast)
+        compile = check_compile(compile)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(f"bad evaluation setting: {exc}") from None
+    record = {}
+    if compile is not None:
+        if any(not isinstance(v, (str, bool, int, float, dict, type(None)))
+               for v in compile.values()):
+            raise WorkflowError("compile: a result header records the torch.compile "
+                                "arguments, so give them as names (a backend name, not a "
+                                "callable)")
+        record["compile"] = dict(compile)
+    if autocast is not None:
+        record["autocast"] = str(autocast).replace("torch.", "")
+    return record, {"compile": compile or False, "autocast": autocast}
+
+
 def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: dict,
                  margin: float = 0.0, selection: dict | None = None, method: str = "dssn",
-                 monte_carlo: dict | None = None) -> dict:
+                 monte_carlo: dict | None = None, evaluation: dict | None = None) -> dict:
     """The header that ties a result file to its checkpoint, spec, data split, margin
     (recorded only when > 0, so files without a margin keep their format) and selection
     of images (results.selection: --skip and --max); for a Monte Carlo method, the
@@ -76,6 +107,8 @@ def results_meta(checkpoint_sha256: str, spec: SmoothingSpec, dataset_identity: 
         meta["margin"] = float(margin)
     if selection is not None:
         meta["selection"] = dict(selection)
+    if evaluation:   # compiled or autocast: the votes are the model's as evaluated so
+        meta["evaluation"] = dict(evaluation)
     return meta
 
 
@@ -87,7 +120,7 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                     dist_backend: str | None = None, context: Context | None = None,
                     margin: float = 0.0, method: str | None = None, n0: int | None = None,
                     n: int | None = None, alpha: float | None = None,
-                    noise_seed: int = 0) -> dict:
+                    noise_seed: int = 0, compile=False, autocast=None) -> dict:
     """Certifies the images of a data split (Cohen et al.'s ``skip``/``max``) with the
     checkpoint's smoothed classifier and writes the result TSV ``out`` (results.py),
     resuming an earlier run of the same checkpoint, spec, split and margin, and of the
@@ -107,8 +140,14 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     baselines.py with ``n0`` (64), ``n`` (100,000) and ``alpha`` (0.001), each image's
     noise drawn from image_generator(noise_seed, index); default: the checkpoint's
     training noise.
+
+    ``compile`` / ``autocast`` ("bf16", "fp16"): how the model runs (dk.certify's
+    ``compile=`` and ``autocast=``); the header records them under "evaluation", so a
+    resume with other evaluation settings is refused (the votes are those of the model as
+    evaluated).
     """
     out = check_output_path(out)
+    evaluation, evaluation_kw = evaluation_settings(compile, autocast)
     if max_index is not None and (isinstance(max_index, bool) or not isinstance(max_index, int)
                                   or max_index < -1):
         raise WorkflowError(f"--max must be an index >= 0, or -1 for all images; got {max_index}")
@@ -146,7 +185,7 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                             f"{ds_name} {split} has no images")
     stop = len(ds) if max_index is None or max_index < 0 else min(len(ds), max_index)
     meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin,
-                        selection(skip, stop), method, monte_carlo)
+                        selection(skip, stop), method, monte_carlo, evaluation)
     if training.get("stability") or training.get("noise", "dssn") != "dssn":
         # the model's training, for analyze's rows (DSSN-trained headers are unchanged)
         meta["training"] = {"noise": training.get("noise", "dssn"),
@@ -157,7 +196,8 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
         return _certify_ranks(ctx, ckpt, spec, ds, meta, indices, out, device=device,
                               batch_size=batch_size, images_per_batch=images_per_batch,
                               backend=backend_name, overwrite=overwrite, progress=progress,
-                              margin=margin, method=method, monte_carlo=monte_carlo)
+                              margin=margin, method=method, monte_carlo=monte_carlo,
+                              evaluation_kw=evaluation_kw)
     finally:
         if context is None:
             ctx.close()
@@ -177,7 +217,7 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, **kw)
 def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indices, out: Path, *,
                     device, batch_size, images_per_batch, backend, overwrite, progress,
                     margin: float = 0.0, method: str = "dssn",
-                    monte_carlo: dict | None = None) -> dict:
+                    monte_carlo: dict | None = None, evaluation_kw: dict | None = None) -> dict:
     # Every rank runs this with the same arguments (torchrun starts the same command on
     # each), so each rank certifies its shard with the same margin; the margin is in
     # `meta`, so a part file or `out` of another margin is refused on every path.
@@ -220,7 +260,7 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
     if monte_carlo is not None:
         per_batch = 1   # one image per call: its own noise generator
     target = my_part if ctx.distributed else out
-    kw = spec.certify_kwargs()
+    kw = {**spec.certify_kwargs(), **(evaluation_kw or {})}
     seconds = 0.0
     writer = ResultsWriter(target, meta)
     bar = tqdm(total=len(mine), desc=f"certify {out.name}" + (f" [rank {ctx.rank}/{ctx.world_size}]"
@@ -230,7 +270,8 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
             idx = mine[b:b + per_batch]
             x, y = ds.get(idx)
             if monte_carlo is not None:
-                lines = _mc_rows(model, x, y, idx, spec, dev, method, monte_carlo, batch_size)
+                lines = _mc_rows(model, x, y, idx, spec, dev, method, monte_carlo, batch_size,
+                                 evaluation_kw or {})
                 seconds += sum(float(line.split("\t")[5]) for line in lines)
                 writer.write(lines)
                 bar.update(len(idx))
@@ -276,7 +317,8 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
     return summarize(out, meta, len(mine), seconds, ctx, certified=len(todo))
 
 
-def _mc_rows(model, x, y, idx, spec, dev, method, mc, batch_size) -> list[str]:
+def _mc_rows(model, x, y, idx, spec, dev, method, mc, batch_size,
+             evaluation_kw=None) -> list[str]:
     """Rows of Monte Carlo certificates (baselines.certify_ssn / certify_uniform), one
     image at a time, each with its own generator; prediction and radius by
     results.mc_certificate, the rule read_results checks."""
@@ -290,7 +332,7 @@ def _mc_rows(model, x, y, idx, spec, dev, method, mc, batch_size) -> list[str]:
         t0 = time.perf_counter()
         cert = fn(model, pixels[j:j + 1], sigma=spec.sigma_value, n0=mc["n0"], n=mc["n"],
                   alpha=mc["alpha"], batch_size=batch_size,
-                  generator=image_generator(mc["noise_seed"], i, dev))
+                  generator=image_generator(mc["noise_seed"], i, dev), **(evaluation_kw or {}))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0

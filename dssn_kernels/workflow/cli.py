@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(another GPU, batch size, TF32...). The file records TAU and the "
                         "ambiguous counts (columns num_ambiguous, ambiguous); radius -1/q marks "
                         "an image not certified even at radius 0. Resuming needs the same TAU")
+    c.add_argument("--compile", action="store_true",
+                   help="compile the model with torch.compile, once for the forward batch's "
+                        "shape (CUDA graphs on a GPU); recorded in the file's header: resuming "
+                        "needs the same evaluation settings")
+    c.add_argument("--autocast", choices=("bf16", "fp16"),
+                   help="run the model under torch.autocast in bfloat16 or float16; recorded "
+                        "in the header like --compile (see dk.logit_drift for the margin that "
+                        "covers both evaluations)")
     c.add_argument("--method", choices=("dssn", "ssn", "uniform"),
                    help="dssn (exact), or the Monte Carlo certificates of independent SSN (ssn) "
                         "or uniform noise (Yang et al.); default: the checkpoint's training noise")
@@ -332,7 +340,7 @@ def cmd_certify(args) -> int:
         images_per_batch=args.images_per_batch, backend=args.backend, device=args.device,
         overwrite=args.overwrite, progress=not args.no_progress, dist_backend=args.dist_backend,
         margin=args.margin, method=args.method, n0=args.n0, n=args.n, alpha=args.alpha,
-        noise_seed=args.noise_seed)
+        noise_seed=args.noise_seed, compile=args.compile, autocast=args.autocast)
     if res["rank"] == 0:
         ranks = f" over {res['world_size']} ranks" if res["world_size"] > 1 else ""
         clean = (f"clean accuracy {100 * res['clean_accuracy']:.1f}%" if res["rows"]

@@ -11,18 +11,20 @@ imports this package.
 | module | what it holds |
 | --- | --- |
 | ``cli`` | the ``dssn`` command (``python -m dssn_kernels``) |
-| ``trainer`` | ``train``: a base classifier under DSSN noise -> checkpoint |
+| ``trainer`` | ``train``: a base classifier under DSSN, independent-SSN or uniform noise (stability training optional) -> checkpoint |
 | ``denoiser`` | ``train_denoiser``: a DnCNN in front of a frozen classifier (denoised smoothing) -> checkpoint |
-| ``certify_data`` | ``certify_dataset``: a data split -> resumable result TSV, sharded under torchrun |
+| ``certify_data`` | ``certify_dataset``: a data split -> resumable result TSV (DSSN exactly, or Monte Carlo), sharded under torchrun |
 | ``checkpoint`` | checkpoints with their smoothing spec |
 | ``models`` | SmallCNN, WideResNet-40-2, ResNet-50, the DnCNN denoiser |
 | ``data`` | digits (bundled), CIFAR-10 and ImageNet from local folders |
 | ``results`` | the result TSV: format, checks, resume, merge |
 | ``analysis`` | certified-accuracy tables and plots |
+| ``released`` | result folders of the paper's released code, read by ``analysis`` |
 | ``distributed`` | torchrun ranks |
 | ``baselines`` | Monte Carlo certification (uniform noise, independent SSN) |
 | ``demo`` | the main job on digits |
 | ``denoise_demo`` | denoisers against DSSN training on digits (issue 13) |
+| ``compare_demo`` | the paper's comparison in small on digits: three noises, standard and stability training |
 """
 from .certify_data import certify_dataset, results_meta
 from .options import USER_ERRORS, WorkflowError, resolve_device

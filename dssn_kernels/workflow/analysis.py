@@ -323,11 +323,12 @@ def plot_curves(results, out, title: str | None = None, envelope: bool = True) -
     _check_not_empty(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     top = 0.0
+    only_dssn = all(res.label == "DSSN" for res in results)   # then the label goes unsaid
     for res in results:
         r, acc = res.curve()
         end = max(res.max_radius or r[-1], r[-1])
         top = max(top, end)
-        label = f"{res.label + ', ' if res.label != 'DSSN' else ''}σ={sigma_label(res)} (L={res.L})"
+        label = f"{'' if only_dssn else res.label + ', '}σ={sigma_label(res)} (L={res.L})"
         # acc(R) is left-continuous: the value at corner r_i holds on (r_{i-1}, r_i]
         xs, ys = (np.append(r, end), np.append(acc, 0.0)) if end > r[-1] else (r, acc)
         ax.step(xs, ys, where="pre", label=label)

@@ -1,4 +1,6 @@
 # make demo   sets everything up (.venv, CPU torch, the C++ extension) and runs the demo
+# make compare-demo   the paper's comparison in small on digits: DSSN, independent SSN and
+#             uniform noise, standard and stability training, the Table 1 layout (minutes)
 # make test   sets everything up and runs the test suite
 # make cuda-build-check   builds the CUDA extension against a CUDA torch in a second venv
 #             (cached in ~/.cache/dssn-kernels; no GPU needed) and checks its registration
@@ -19,7 +21,7 @@ GPU_CHECK_ARGS ?=
 
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup demo test bench clean cuda-build-check gpu-check
+.PHONY: setup demo compare-demo test bench clean cuda-build-check gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-dev.txt $(NATIVE)
@@ -30,6 +32,9 @@ $(VENV)/.installed: requirements-dev.txt $(NATIVE)
 
 demo: setup
 	$(PY) -m dssn_kernels.workflow.demo
+
+compare-demo: setup
+	$(PY) -m dssn_kernels.workflow.compare_demo
 
 test: setup
 	$(PY) -m pytest -q -rs

@@ -247,7 +247,8 @@ def measure_precision(args, model) -> list[dict]:
     timed repetitions (torch._dynamo's counters["stats"]["unique_graphs"]; 1 and 0 mean
     one compilation per run, the tail included). Votes differ = half the L1 distance of
     the counts to eager fp32's (votes that went to another class), reported, never hidden.
-    Inductor's on-disk FX graph cache is off, so compile times are those of a cold start."""
+    Inductor's on-disk FX graph cache is off (its C++ kernel cache may still hold kernels
+    of earlier runs)."""
     import torch._dynamo
     import torch._inductor.config
     from torch._dynamo.utils import counters
@@ -312,7 +313,8 @@ def precision_markdown(result) -> list[str]:
                  f"`x faster` = eager fp32 forward-only time / time (median of "
                  f"{env['repeats']}, same run); compile s = first call - median call "
                  f"(torch.compile backend {env.get('compile_backend', 'inductor')}, dynamic="
-                 f"False; inductor's disk cache off: a cold compile); graphs = graphs dynamo compiled in "
+                 f"False; inductor's FX graph cache off, its C++ kernel cache on disk may hold "
+                 f"kernels of earlier runs); graphs = graphs dynamo compiled in "
                  f"the first call (1 = one compilation for the run, the padded tail "
                  f"included) and in all timed repetitions after it; votes differ = votes that "
                  f"went to another class than under eager fp32:", ""]

@@ -12,20 +12,15 @@ import torch
 pytest.importorskip("sklearn")
 
 from dssn_kernels.workflow import certify_data  # noqa: E402
-from dssn_kernels.workflow import analysis, cli  # noqa: E402
+from dssn_kernels.workflow import analysis  # noqa: E402
 from dssn_kernels.workflow.data import load_dataset, resize_center_crop  # noqa: E402
 from dssn_kernels.workflow.results import (COLUMN_LINE, MARGIN_COLUMN_LINE,  # noqa: E402
                                   expected_certificate, format_row, header_line, read_results)
-from testkit import rows_without_time, tiny_checkpoint  # noqa: E402
+from testkit import assert_refused, interrupted_on_call, rows_without_time, tiny_checkpoint  # noqa: E402
+from testkit import run_cli as run  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_process")
-
-
-def run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_entry_points():
@@ -81,16 +76,8 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path, capsys, monkeyp
     common = ["--max", "40", "--images-per-batch", "4", "--no-progress"]
     assert run(["certify", str(ckpt), "--out", str(full)] + common, capsys)[0] == 0
 
-    calls = {"n": 0}
     real = certify_data.certify
-
-    def crash_on_third_batch(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(certify_data, "certify", crash_on_third_batch)
+    monkeypatch.setattr(certify_data, "certify", interrupted_on_call(real, 3))   # third batch
     code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
     assert code == 130 and "rerun the same command to resume" in err
     assert len(read_results(part).rows) == 8           # two whole batches were saved
@@ -116,11 +103,7 @@ def test_refusals_leave_files_untouched(tmp_path, capsys):
 
     def refused(argv, *patterns):
         code, out, err = run(argv, capsys)
-        assert code == 2, (code, err)
-        msg = err.strip()
-        assert "\n" not in msg and "Traceback" not in msg, msg
-        for p in patterns:
-            assert p in msg, (p, msg)
+        assert_refused(code, err, *patterns)
         assert tsv.read_bytes() == before
 
     # another checkpoint's output

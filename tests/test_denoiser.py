@@ -17,6 +17,8 @@ from dssn_kernels.workflow.checkpoint import (SmoothingSpec, load_checkpoint,  #
 from dssn_kernels.workflow.data import load_dataset  # noqa: E402
 from dssn_kernels.workflow.models import DnCNN, SmallCNN  # noqa: E402
 from dssn_kernels.workflow.trainer import state_path  # noqa: E402
+from testkit import interrupt_after_epoch, saved  # noqa: E402
+from testkit import run_cli as run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process", "one_thread")
 
@@ -30,16 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def state_dict(path):
-    return torch.load(path, weights_only=True)["state_dict"]
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +108,14 @@ def test_clean_training_records_noise_none(clean_classifier):
 
 
 def test_train_denoiser_cli_frozen_classifier_and_certify(clean_classifier, tmp_path, capsys):
-    before = {k: v.clone() for k, v in state_dict(clean_classifier).items()}
+    before = {k: v.clone() for k, v in saved(clean_classifier, "state_dict").items()}
     out = tmp_path / "den.pt"
     code, text, err = run(["train-denoiser", str(clean_classifier), "--objective", "stability",
                            "--epochs", "2", "--out", str(out)] + TINY, capsys)
     assert code == 0, err
     assert "stability denoiser" in text and not state_path(out).exists()
     # the classifier's weights: bit-identical in its own file and inside the composition
-    after, composed = state_dict(clean_classifier), state_dict(out)
+    after, composed = saved(clean_classifier, "state_dict"), saved(out, "state_dict")
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
@@ -160,7 +152,7 @@ def test_mse_retrain_replaces_the_classifier(clean_classifier, tmp_path, capsys)
                         "--epochs", "1", "--retrain-epochs", "1", "--out", str(out)] + TINY,
                        capsys)
     assert code == 0, err
-    orig, composed = state_dict(clean_classifier), state_dict(out)
+    orig, composed = saved(clean_classifier, "state_dict"), saved(out, "state_dict")
     assert not all(torch.equal(orig[k], composed["classifier." + k]) for k in orig)
     model, spec = load_checkpoint(out)
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
@@ -170,12 +162,7 @@ def test_resume_ends_with_the_same_weights(clean_classifier, tmp_path, capsys, m
     opts = ["--objective", "mse-retrain", "--epochs", "1", "--retrain-epochs", "1"] + TINY
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     assert run(["train-denoiser", str(clean_classifier), "--out", str(full)] + opts, capsys)[0] == 0
-
-    def interrupt_after_epoch_1(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(denoiser, "_after_epoch", interrupt_after_epoch_1)
+    monkeypatch.setattr(denoiser, "_after_epoch", interrupt_after_epoch(1))
     code, _, err = run(["train-denoiser", str(clean_classifier), "--out", str(part)] + opts,
                        capsys)
     assert code == 130 and "--resume" in err, err
@@ -188,7 +175,7 @@ def test_resume_ends_with_the_same_weights(clean_classifier, tmp_path, capsys, m
     code, _, err = run(["train-denoiser", str(clean_classifier), "--out", str(part),
                         "--resume"] + opts, capsys)
     assert code == 0, err
-    a, b = state_dict(full), state_dict(part)
+    a, b = saved(full, "state_dict"), saved(part, "state_dict")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -8,20 +8,15 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from dssn_kernels.workflow import certify_data, cli  # noqa: E402
+from dssn_kernels.workflow import certify_data  # noqa: E402
 from dssn_kernels.workflow.results import MC_COLUMNS, ResultsError, read_results  # noqa: E402
-from testkit import rows_without_time, tiny_checkpoint  # noqa: E402
+from testkit import interrupted_on_call, rows_without_time, tiny_checkpoint  # noqa: E402
+from testkit import run_cli as run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
 TINY = ["--max", "12", "--n0", "8", "--n", "40", "--alpha", "0.01", "--no-progress",
         "--device", "cpu"]
-
-
-def run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def trivial_checkpoint(path):
@@ -78,16 +73,7 @@ def test_resume_after_interruption_gives_identical_rows(tmp_path, capsys, monkey
     full, part = tmp_path / "full.tsv", tmp_path / "part.tsv"
     opts = ["--method", "uniform"] + TINY
     assert run(["certify", str(ckpt), "--out", str(full)] + opts, capsys)[0] == 0
-    real = certify_data._mc_rows
-    calls = {"n": 0}
-
-    def crash_on_fifth(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(certify_data, "_mc_rows", crash_on_fifth)
+    monkeypatch.setattr(certify_data, "_mc_rows", interrupted_on_call(certify_data._mc_rows, 5))
     code, _, err = run(["certify", str(ckpt), "--out", str(part)] + opts, capsys)
     assert code == 130
     assert len(read_results(part).rows) == 4

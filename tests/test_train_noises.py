@@ -6,23 +6,14 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from dssn_kernels.workflow import cli, trainer  # noqa: E402
-from dssn_kernels.workflow.trainer import state_path  # noqa: E402
+from dssn_kernels.workflow import trainer  # noqa: E402
+from testkit import interrupt_after_epoch, saved  # noqa: E402
+from testkit import run_cli as run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
 TINY = ["--sigma", "0.5", "--epochs", "2", "--max-train", "64", "--batch-size", "32",
         "--no-progress", "--device", "cpu"]
-
-
-def run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def training(path):
-    return torch.load(path, weights_only=True)["training"]
 
 
 @pytest.mark.parametrize("opts,want", [
@@ -37,7 +28,7 @@ def test_each_noise_trains_and_is_recorded(tmp_path, capsys, opts, want):
     out = tmp_path / "m.pt"
     code, _, err = run(["train", "--out", str(out)] + TINY + opts, capsys)
     assert code == 0, err
-    t = training(out)
+    t = saved(out, "training")
     assert {k: t.get(k) for k in want} == want
     assert ("stability_weight" in t) == want["stability"]
 
@@ -46,12 +37,7 @@ def test_ssn_stability_resume_and_other_noise_refused(tmp_path, capsys, monkeypa
     opts = ["--noise", "ssn", "--stability"]
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     assert run(["train", "--out", str(full)] + TINY + opts, capsys)[0] == 0
-
-    def interrupt_after_epoch_1(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch_1)
+    monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch(1))
     assert run(["train", "--out", str(part)] + TINY + opts, capsys)[0] == 130
     monkeypatch.undo()
     code, _, err = run(["train", "--out", str(part), "--resume"] + TINY + ["--noise", "uniform",
@@ -60,8 +46,7 @@ def test_ssn_stability_resume_and_other_noise_refused(tmp_path, capsys, monkeypa
     code, _, err = run(["train", "--out", str(part), "--resume"] + TINY + ["--noise", "ssn"], capsys)
     assert code != 0 and "stability" in err, err
     assert run(["train", "--out", str(part), "--resume"] + TINY + opts, capsys)[0] == 0
-    a = torch.load(full, weights_only=True)["state_dict"]
-    b = torch.load(part, weights_only=True)["state_dict"]
+    a, b = saved(full, "state_dict"), saved(part, "state_dict")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

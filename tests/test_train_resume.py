@@ -7,8 +7,11 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from dssn_kernels.workflow import cli, trainer  # noqa: E402
+from dssn_kernels.workflow import trainer  # noqa: E402
 from dssn_kernels.workflow.trainer import state_path  # noqa: E402
+from testkit import (assert_refused, interrupt_after_epoch, interrupted_on_call,  # noqa: E402
+                     saved)
+from testkit import run_cli as run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -16,18 +19,8 @@ TINY = ["--sigma", "0.5", "--epochs", "4", "--max-train", "96", "--batch-size", 
         "--no-progress", "--device", "cpu"]
 
 
-def run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
 def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
+    wa, wb = saved(a, "state_dict"), saved(b, "state_dict")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -44,12 +37,7 @@ def test_interrupted_and_resumed_training_ends_with_the_same_weights(tmp_path, c
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     assert run(["train", "--out", str(full)] + TINY + opts, capsys)[0] == 0
     assert not state_path(full).exists()              # removed once the checkpoint is written
-
-    def interrupt_after_epoch_2(epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch_2)
+    monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch(2))
     code, out, err = run(["train", "--out", str(part)] + TINY + opts, capsys)
     assert code == 130 and "--resume" in err, err
     assert not part.exists() and state_path(part).exists()
@@ -68,16 +56,8 @@ def test_interrupted_mid_epoch_resumes_from_the_last_finished_epoch(tmp_path, ca
                                                                     monkeypatch):
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     assert run(["train", "--out", str(full)] + TINY, capsys)[0] == 0
-    calls = {"n": 0}
-    real = trainer.training_noise
-
-    def interrupt_in_epoch_3(*a, **kw):          # 3 steps per epoch: the 8th is in epoch 3
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(trainer, "training_noise", interrupt_in_epoch_3)
+    # 3 steps per epoch: the 8th is in epoch 3
+    monkeypatch.setattr(trainer, "training_noise", interrupted_on_call(trainer.training_noise, 8))
     assert run(["train", "--out", str(part)] + TINY, capsys)[0] == 130
     assert torch.load(state_path(part), weights_only=True)["epoch"] == 2
     monkeypatch.undo()
@@ -88,22 +68,14 @@ def test_interrupted_mid_epoch_resumes_from_the_last_finished_epoch(tmp_path, ca
 def test_resume_refusals_and_overwrite(tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.pt"
     state = state_path(out)
-
-    def stop_after_epoch_1(epoch):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_after_epoch", stop_after_epoch_1)
+    monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch(1))
     assert run(["train", "--out", str(out)] + TINY, capsys)[0] == 130
     monkeypatch.undo()
     before = snapshot(state)
 
     def refused(argv, *patterns):
         code, _, err = run(argv, capsys)
-        assert code == 2, (code, err)
-        msg = err.strip()
-        assert "\n" not in msg and "Traceback" not in msg, msg
-        for p in patterns:
-            assert p in msg, (p, msg)
+        assert_refused(code, err, *patterns)
         assert snapshot(state) == before and not out.exists()
 
     # another option than the interrupted training's: refused, naming it

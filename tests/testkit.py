@@ -111,3 +111,49 @@ def build_and_run(tmp_path, source, flags, timeout):
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
+
+
+def run_cli(argv, capsys):
+    """``dssn argv`` in this process: (exit code, stdout, stderr)."""
+    from dssn_kernels.workflow import cli
+
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def saved(path, key):
+    """One field of a saved checkpoint or training state (``state_dict``, ``training``,
+    ``epoch``, ...)."""
+    return torch.load(path, weights_only=True)[key]
+
+
+def interrupt_after_epoch(n):
+    """An ``_after_epoch`` hook for the trainers that stops the training after epoch n,
+    as Ctrl-C would."""
+    def hook(epoch):
+        if epoch == n:
+            raise KeyboardInterrupt
+    return hook
+
+
+def interrupted_on_call(func, n):
+    """``func``, but its n-th call raises KeyboardInterrupt (as Ctrl-C would) instead."""
+    calls = {"n": 0}
+
+    def wrapper(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return func(*a, **kw)
+    return wrapper
+
+
+def assert_refused(code, err, *patterns):
+    """A refusal of the command line: exit code 2 and one line on stderr, no traceback,
+    naming every one of ``patterns``."""
+    assert code == 2, (code, err)
+    msg = err.strip()
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    for p in patterns:
+        assert p in msg, (p, msg)

@@ -25,7 +25,6 @@ the very weights of an uninterrupted run (bit for bit on the CPU).
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
@@ -36,12 +35,12 @@ from tqdm.auto import tqdm
 from ..noises import NOISES
 from ..training import training_noise
 from .checkpoint import (CheckpointError, SmoothingSpec, build_model, file_sha256,
-                         model_from_checkpoint, plain, read_checkpoint, save_checkpoint)
+                         model_from_checkpoint, plain, read_checkpoint)
 from .data import DatasetError, load_dataset
 from .models import DnCNN, denoised
-from .options import WorkflowError, check_output_path, resolve_device
-from .results import _diff
-from .trainer import TRAIN_DEFAULTS, _batches, _check_writable, _read_state, _save_state, state_path
+from .options import WorkflowError, resolve_device
+from .trainer import (TRAIN_DEFAULTS, _batches, _finish, _open_out, _resume, _rng_state,
+                      _save_state, _weights)
 
 OBJECTIVES = ("mse", "stability", "mse-retrain")
 STATE_FORMAT = "dssn-train-state/1"   # trainer's _read_state checks this format
@@ -87,10 +86,6 @@ def _after_epoch(epoch: int) -> None:
     """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
 
 
-def _weights(module: nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dssn",
                    dataset: str | None = None, sigma=None, lam=None, seed: int | None = None,
                    depth: int | None = None, width: int | None = None, clamp: bool = True,
@@ -112,16 +107,7 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
         raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if noise not in NOISES:
         raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
-    out = check_output_path(out)
-    state_file = state_path(out)
-    if out.exists() and not overwrite:
-        raise WorkflowError(f"{out} exists; nothing was changed: choose another --out, or pass "
-                            "--overwrite to replace it")
-    if state_file.exists() and not (resume or overwrite):
-        raise WorkflowError(f"{state_file} holds an interrupted training of {out.name}; nothing "
-                            "was changed: pass --resume to continue it, or --overwrite to start "
-                            "again")
-    _check_writable(out)
+    out, state_file = _open_out(out, overwrite=overwrite, resume=resume)
     ckpt = read_checkpoint(classifier)
     cspec: SmoothingSpec = ckpt["spec_obj"]
     c_arch, c_kwargs = ckpt["model"]["arch"], ckpt["model"]["kwargs"]
@@ -190,38 +176,17 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
                       "retrain_lr": retrain_lr if retrain else None, "train_seed": train_seed,
                       "num_train": n})
     total = epochs + retrain_epochs
-    start, seconds_before = 0, 0.0
-    last_loss = last_acc = float("nan")
-    if resume and state_file.exists():
-        state = _read_state(state_file)
-        diffs = [x.replace(" (file) vs ", " (saved) vs ")
-                 for x in _diff(state.get("settings"), settings)]
-        if diffs:
-            raise WorkflowError(
-                f"{state_file} holds a different training ({'; '.join(diffs)}); nothing was "
-                "changed: rerun with its options to resume it, or pass --overwrite without "
-                "--resume to start again")
-        try:
-            den.load_state_dict(state["denoiser"])
-            opt1.load_state_dict(state["optimizer"])
-            sched1.load_state_dict(state["scheduler"])
-            if retrain:
-                new_clf.load_state_dict(state["classifier"])
-                opt2.load_state_dict(state["retrain_optimizer"])
-                sched2.load_state_dict(state["retrain_scheduler"])
-            rng = state["rng"]
-            g.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            start, seconds_before = int(state["epoch"]), float(state["seconds"])
-            last_loss, last_acc = float(state["last_loss"]), float(state["last_acc"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise WorkflowError(f"{state_file} does not fit this training ({exc}); nothing was "
-                                "changed: pass --overwrite without --resume to start again") from None
-    elif resume:
-        print(f"dssn train-denoiser: no training state {state_file} to resume: starting from "
-              "epoch 1", file=sys.stderr, flush=True)
+    def restore(state):
+        den.load_state_dict(state["denoiser"])
+        opt1.load_state_dict(state["optimizer"])
+        sched1.load_state_dict(state["scheduler"])
+        if retrain:
+            new_clf.load_state_dict(state["classifier"])
+            opt2.load_state_dict(state["retrain_optimizer"])
+            sched2.load_state_dict(state["retrain_scheduler"])
+
+    start, seconds_before, last_loss, last_acc = _resume(state_file, settings, g, restore,
+                                                         resume=resume, command="train-denoiser")
 
     steps_per_epoch = math.ceil(n / batch_size)
     on_cuda = torch.device(device).type == "cuda"
@@ -261,8 +226,7 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
             "classifier": _weights(new_clf) if retrain else None,
             "retrain_optimizer": opt2.state_dict() if retrain else None,
             "retrain_scheduler": sched2.state_dict() if retrain else None,
-            "rng": {"generator": g.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if on_cuda else None}})
+            "rng": _rng_state(g, on_cuda)})
         _after_epoch(epoch + 1)
     bar.close()
     seconds = seconds_before + time.perf_counter() - t0
@@ -280,13 +244,8 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
                 "dssn_kernels": dssn_kernels.__version__}
     kwargs = {"denoiser": {"arch": "dncnn", "kwargs": d_kwargs},
               "classifier": {"arch": c_arch, "kwargs": c_kwargs}}
-    try:
-        path = save_checkpoint(out, model, arch="denoised", model_kwargs=kwargs, spec=spec,
-                               dataset=ds.identity, training=training)
-    except OSError as exc:
-        raise WorkflowError(f"cannot write {out}: {exc.strerror or exc}; the trained model is "
-                            f"kept in {state_file}: rerun with --resume to write it") from None
-    state_file.unlink(missing_ok=True)
+    path = _finish(out, state_file, model, arch="denoised", model_kwargs=kwargs, spec=spec,
+                   dataset=ds.identity, training=training)
     return {"path": str(path), "spec": spec, "objective": objective, "noise": noise,
             "seconds": seconds, "final_loss": last_loss, "num_train": n, "model": model,
             "dataset": dataset}

@@ -124,6 +124,80 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def _rng_state(generator: torch.Generator, on_cuda: bool) -> dict:
+    """The random state a training state keeps, for ``_resume`` to restore."""
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if on_cuda else None}
+
+
+def _resume(state_file: Path, settings: dict, generator: torch.Generator, restore, *,
+            resume: bool, command: str) -> tuple:
+    """Where a training starts: ``(epoch, seconds, last_loss, last_acc)``, read from
+    ``state_file`` when resuming (``restore(state)`` loads the weights and optimizers) and
+    the settings match, else from epoch 1."""
+    start, seconds_before = 0, 0.0
+    last_loss = last_acc = float("nan")
+    if resume and state_file.exists():
+        state = _read_state(state_file)
+        diffs = [d.replace(" (file) vs ", " (saved) vs ")
+                 for d in _diff(state.get("settings"), settings)]
+        if diffs:
+            raise WorkflowError(
+                f"{state_file} holds a different training ({'; '.join(diffs)}); nothing was "
+                "changed: rerun with its options to resume it, or pass --overwrite without "
+                "--resume to start again")
+        try:
+            restore(state)
+            rng = state["rng"]
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            start, seconds_before = int(state["epoch"]), float(state["seconds"])
+            last_loss, last_acc = float(state["last_loss"]), float(state["last_acc"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise WorkflowError(f"{state_file} does not fit this training ({exc}); nothing was "
+                                "changed: pass --overwrite without --resume to start again") from None
+    elif resume:
+        print(f"dssn {command}: no training state {state_file} to resume: starting from epoch 1",
+              file=sys.stderr, flush=True)
+    return start, seconds_before, last_loss, last_acc
+
+
+def _open_out(out, *, overwrite: bool, resume: bool) -> tuple[Path, Path]:
+    """``(out, state file)`` of a training, refused before it starts where ``out`` exists
+    without ``overwrite``, or an interrupted training waits there without ``resume`` or
+    ``overwrite``, or nothing can be written beside ``out``."""
+    out = check_output_path(out)
+    state_file = state_path(out)
+    if out.exists() and not overwrite:
+        raise WorkflowError(f"{out} exists; nothing was changed: choose another --out, or pass "
+                            "--overwrite to replace it")
+    if state_file.exists() and not (resume or overwrite):
+        raise WorkflowError(f"{state_file} holds an interrupted training of {out.name}; nothing "
+                            "was changed: pass --resume to continue it, or --overwrite to start "
+                            "again")
+    _check_writable(out)
+    return out, state_file
+
+
+def _finish(out: Path, state_file: Path, model: nn.Module, **checkpoint) -> Path:
+    """Saves the trained ``model`` to ``out`` (save_checkpoint's ``checkpoint`` fields) and
+    then drops ``state_file``: the checkpoint holds the result now."""
+    try:
+        path = save_checkpoint(out, model, **checkpoint)
+    except OSError as exc:
+        raise WorkflowError(f"cannot write {out}: {exc.strerror or exc}; the trained model is "
+                            f"kept in {state_file}: rerun with --resume to write it") from None
+    state_file.unlink(missing_ok=True)
+    return path
+
+
+def _weights(module: nn.Module) -> dict:
+    """A CPU copy of ``module``'s weights, for a training state."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, lam=None,
           q: int | None = None, seed: int = 0, epochs: int | None = None,
           batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
@@ -148,16 +222,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     from epoch 1), and a state file is never started over without ``resume`` or
     ``overwrite``. Returns a summary dict (path, spec, seconds, ...).
     """
-    out = check_output_path(out)
-    state_file = state_path(out)
-    if out.exists() and not overwrite:
-        raise WorkflowError(f"{out} exists; nothing was changed: choose another --out, or pass "
-                            "--overwrite to replace it")
-    if state_file.exists() and not (resume or overwrite):
-        raise WorkflowError(f"{state_file} holds an interrupted training of {out.name}; nothing "
-                            "was changed: pass --resume to continue it, or --overwrite to start "
-                            "again")
-    _check_writable(out)
+    out, state_file = _open_out(out, overwrite=overwrite, resume=resume)
     ds = load_dataset(dataset, "train", data_root)
     info = INFO[dataset]
     if q is not None and q != ds.q:
@@ -214,34 +279,13 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                       "optimizer": optimizer, "lr": lr, "augment": bool(augment),
                       "train_seed": train_seed, "num_train": n, **_noise_settings(
                           noise, stability, stability_weight)})
-    start, seconds_before = 0, 0.0
-    last_loss = last_acc = float("nan")
-    if resume and state_file.exists():
-        state = _read_state(state_file)
-        diffs = [d.replace(" (file) vs ", " (saved) vs ")
-                 for d in _diff(state.get("settings"), settings)]
-        if diffs:
-            raise WorkflowError(
-                f"{state_file} holds a different training ({'; '.join(diffs)}); nothing was "
-                "changed: rerun with its options to resume it, or pass --overwrite without "
-                "--resume to start again")
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            rng = state["rng"]
-            g.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            start, seconds_before = int(state["epoch"]), float(state["seconds"])
-            last_loss, last_acc = float(state["last_loss"]), float(state["last_acc"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise WorkflowError(f"{state_file} does not fit this training ({exc}); nothing was "
-                                "changed: pass --overwrite without --resume to start again") from None
-    elif resume:
-        print(f"dssn train: no training state {state_file} to resume: starting from epoch 1",
-              file=sys.stderr, flush=True)
+    def restore(state):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+
+    start, seconds_before, last_loss, last_acc = _resume(state_file, settings, g, restore,
+                                                         resume=resume, command="train")
     loss_fn = nn.CrossEntropyLoss()
     noise_kwargs = (spec.certify_kwargs() if noise == "dssn"
                     else {"lam": spec.lam_value, "q": spec.q})
@@ -286,10 +330,9 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
             "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
             "seconds": seconds_before + time.perf_counter() - t0,
             "last_loss": last_loss, "last_acc": last_acc,
-            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "model": _weights(model),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": {"generator": g.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if on_cuda else None}})
+            "rng": _rng_state(g, on_cuda)})
         _after_epoch(epoch + 1)
     bar.close()
     seconds = seconds_before + time.perf_counter() - t0
@@ -302,13 +345,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                 "final_loss": last_loss, "final_noisy_accuracy": last_acc, "seconds": seconds,
                 "device": str(device), "torch": str(torch.__version__),
                 "dssn_kernels": dssn_kernels.__version__}
-    try:
-        path = save_checkpoint(out, model, arch=arch, model_kwargs=kwargs, spec=spec,
-                               dataset=ds.identity, training=training)
-    except OSError as exc:
-        raise WorkflowError(f"cannot write {out}: {exc.strerror or exc}; the trained model is "
-                            f"kept in {state_file}: rerun with --resume to write it") from None
-    state_file.unlink(missing_ok=True)   # the checkpoint holds the result now
+    path = _finish(out, state_file, model, arch=arch, model_kwargs=kwargs, spec=spec,
+                   dataset=ds.identity, training=training)
     return {"path": str(path), "spec": spec, "arch": arch, "seconds": seconds,
             "final_loss": last_loss, "final_noisy_accuracy": last_acc, "num_train": n,
             "model": model}

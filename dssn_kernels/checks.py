@@ -140,10 +140,8 @@ def check_compile(compile):
     if not isinstance(compile, dict):
         raise TypeError(f"compile must be a bool, a torch.compile mode string or a dict of "
                         f"torch.compile arguments, got {type(compile).__name__}")
-    unknown = [k for k in compile if k not in COMPILE_KEYS]
-    if unknown:
-        raise ValueError(f"compile: unknown torch.compile argument(s) {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join(COMPILE_KEYS)} (dynamic is always False)")
+    check_known_keys("compile", compile, COMPILE_KEYS, "torch.compile argument",
+                     f"allowed: {', '.join(COMPILE_KEYS)} (dynamic is always False)")
     mode = compile.get("mode")
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -153,6 +151,14 @@ def check_compile(compile):
     if backend is not None and not (isinstance(backend, str) or callable(backend)):
         raise TypeError(f"compile backend must be a name or a callable, got {type(backend).__name__}")
     return dict(compile)
+
+
+def check_known_keys(name: str, options: dict, allowed, kind: str, hint: str) -> None:
+    """Refuses the keys of the dict ``options`` (the argument ``name``) outside ``allowed``,
+    naming them: "name: unknown kind(s) 'a', 'b'; hint"."""
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ValueError(f"{name}: unknown {kind}(s) {', '.join(map(repr, unknown))}; {hint}")
 
 
 def check_variant_range(start, stop, L: int) -> tuple[int, int]:

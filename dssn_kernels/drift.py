@@ -57,10 +57,8 @@ def _check_setting(name: str, setting) -> dict:
     if not isinstance(setting, dict):
         raise TypeError(f"{name} must be a dict of evaluation settings "
                         f"({', '.join(SETTINGS)}), got {type(setting).__name__}")
-    unknown = [k for k in setting if k not in SETTINGS]
-    if unknown:
-        raise ValueError(f"{name}: unknown setting(s) {', '.join(map(repr, unknown))}; "
-                         f"choose from {', '.join(SETTINGS)}")
+    checks.check_known_keys(name, setting, SETTINGS, "setting",
+                            f"choose from {', '.join(SETTINGS)}")
     return dict(setting)
 
 

@@ -83,7 +83,8 @@ def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int
 
 def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
     """Per-pixel offsets v = numpy.random.RandomState(seed).randint(L, size=dim), int64."""
-    return offsets(_check_dim(dim), _check_num_variants(num_variants), check_seed(seed))
+    return offsets(_check_positive_int("dim", dim),
+                   _check_positive_int("num_variants", num_variants), check_seed(seed))
 
 
 def offsets(dim: int, L: int, seed: int) -> torch.Tensor:
@@ -92,20 +93,14 @@ def offsets(dim: int, L: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(rs.randint(L, size=dim).astype(np.int64))
 
 
-def _check_dim(dim) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise TypeError(f"dim must be a positive int, got {type(dim).__name__}")
-    if dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    return int(dim)
-
-
-def _check_num_variants(num_variants) -> int:
-    if isinstance(num_variants, bool) or not isinstance(num_variants, (int, np.integer)):
-        raise TypeError(f"num_variants must be a positive int, got {type(num_variants).__name__}")
-    if num_variants < 1:
-        raise ValueError(f"num_variants must be a positive int, got {num_variants!r}")
-    return int(num_variants)
+def _check_positive_int(name: str, value) -> int:
+    """``value`` (the argument ``name``) as an int >= 1: TypeError for a non-int (bool
+    included), ValueError for one < 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 # Largest q for which rounding m/(4q) to float32 and then to the dtype (what every kernel

@@ -41,7 +41,8 @@ from dssn_kernels.ops import expand_into, vote_into, vote_margin_into
 from test_early_exit import check_decision, draw_radius, draw_run_options, random_case
 from test_expand import cases as expand_cases
 from test_margin import (PLANTED_EXPECTED, SOUNDNESS_CASES, Coarse, ModInteger, Planted)
-from test_vote_margin import DTYPES, TAU, VALUES, float64_rounding_cases, threshold_logits
+from test_vote_margin import (DTYPES, TAU, TIE_TAUS, draw_ties, float64_rounding_cases,
+                              threshold_logits)
 from test_vote_margin import expected as margin_expected
 from testkit import IntegerLinear, bits, images, literal_votes
 
@@ -409,19 +410,9 @@ def test_margin_exact_beyond_float64_rounding(device, backend):
 
 @pytest.mark.parametrize("device,backend", GPU_ONLY)
 @given(data=st.data(), K=st.integers(2, 7), R=st.integers(1, 12),
-       dtype=st.sampled_from(DTYPES), tau=st.sampled_from([0.0, 2 ** -10, 2 ** -7, 0.25, 0.5,
-                                                          0.75, 1.0, 2.5]))
+       dtype=st.sampled_from(DTYPES), tau=st.sampled_from(TIE_TAUS))
 def test_random_ties_match_reference(device, backend, data, K, R, dtype, tau):
-    cells = data.draw(st.lists(st.sampled_from(VALUES), min_size=R * K, max_size=R * K))
-    logits = torch.tensor(cells, dtype=torch.float64).view(R, K).to(dtype)
-    nan_row = data.draw(st.integers(-1, R - 1))
-    if nan_row >= 0:
-        logits[nan_row, data.draw(st.integers(0, K - 1))] = float("nan")
-    rpi = data.draw(st.integers(1, R + 2))
-    row0 = data.draw(st.integers(0, 5))
-    B = (row0 + R - 1) // rpi + 1
-    zeros = torch.zeros(B, K, dtype=torch.long), torch.zeros(B, K, dtype=torch.long), \
-        torch.zeros(1, dtype=torch.long)
+    logits, row0, rpi, zeros = draw_ties(data, K, R, dtype)
     want = margin_expected(*zeros, logits, row0, rpi, tau)
     got = run_margin(device, backend, *zeros, logits, row0, rpi, tau)
     for a, b in zip(got, want):

@@ -202,13 +202,12 @@ def test_kernels_reject_bad_arguments(backend):
 
 VALUES = [-2.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0 + 2 ** -7, 1.0 + 2 ** -10,
           float("inf"), float("-inf")]
+TIE_TAUS = [0.0, 2 ** -10, 2 ** -7, 0.25, 0.5, 0.75, 1.0, 2.5]
 
 
-@given(data=st.data(), K=st.integers(2, 7), R=st.integers(1, 12),
-       dtype=st.sampled_from(DTYPES), tau=st.sampled_from([0.0, 2 ** -10, 2 ** -7, 0.25, 0.5,
-                                                          0.75, 1.0, 2.5]))
-def test_random_ties_match_reference(data, K, R, dtype, tau):
-    """Logits drawn from a few values whose gaps hit tau exactly and by one ulp."""
+def draw_ties(data, K, R, dtype):
+    """An R x K block of logits drawn from VALUES (a NaN in one row, maybe), where it
+    starts (row0), the rows per image and zeroed (counts, ambiguous, nan_rows) to fit."""
     cells = data.draw(st.lists(st.sampled_from(VALUES), min_size=R * K,
                                max_size=R * K))
     logits = torch.tensor(cells, dtype=torch.float64).view(R, K).to(dtype)
@@ -220,6 +219,14 @@ def test_random_ties_match_reference(data, K, R, dtype, tau):
     B = (row0 + R - 1) // rpi + 1
     zeros = torch.zeros(B, K, dtype=torch.long), torch.zeros(B, K, dtype=torch.long), \
         torch.zeros(1, dtype=torch.long)
+    return logits, row0, rpi, zeros
+
+
+@given(data=st.data(), K=st.integers(2, 7), R=st.integers(1, 12),
+       dtype=st.sampled_from(DTYPES), tau=st.sampled_from(TIE_TAUS))
+def test_random_ties_match_reference(data, K, R, dtype, tau):
+    """Logits drawn from a few values whose gaps hit tau exactly and by one ulp."""
+    logits, row0, rpi, zeros = draw_ties(data, K, R, dtype)
     want = expected(*zeros, logits, row0, rpi, tau)
     for backend in BACKENDS:
         got = run(backend, *zeros, logits, row0, rpi, tau)

@@ -114,14 +114,9 @@ def main(argv=None) -> dict:
 
 
 def entry() -> int:
-    from .options import USER_ERRORS
+    from .options import run_demo
 
-    try:
-        main()
-    except USER_ERRORS as exc:
-        sys.stderr.write(f"python -m dssn_kernels.workflow.compare_demo: error: {exc}\n")
-        return 2
-    return 0
+    return run_demo(main, "dssn_kernels.workflow.compare_demo")
 
 
 if __name__ == "__main__":

@@ -158,23 +158,9 @@ def main(argv=None):
 def entry() -> int:
     """``python -m dssn_kernels.workflow.demo``: user errors (scikit-learn missing, a bad
     --out, ...) are one line on stderr and exit status 2, as with the ``dssn`` command."""
-    from .options import USER_ERRORS
+    from .options import run_demo
 
-    try:
-        main()
-    except USER_ERRORS as exc:
-        sys.stderr.write(f"python -m dssn_kernels.workflow.demo: error: {exc}\n")
-        return 2
-    except OSError as exc:
-        if exc.filename is None:
-            raise
-        sys.stderr.write(f"python -m dssn_kernels.workflow.demo: error: "
-                         f"{exc.strerror or type(exc).__name__}: {exc.filename}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("python -m dssn_kernels.workflow.demo: error: interrupted\n")
-        return 130
-    return 0
+    return run_demo(main, "dssn_kernels.workflow.demo")
 
 
 if __name__ == "__main__":

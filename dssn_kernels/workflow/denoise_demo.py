@@ -132,17 +132,9 @@ def main(argv=None) -> dict:
 
 
 def entry() -> int:
-    from .options import USER_ERRORS
+    from .options import run_demo
 
-    try:
-        main()
-    except USER_ERRORS as exc:
-        sys.stderr.write(f"python -m dssn_kernels.workflow.denoise_demo: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("python -m dssn_kernels.workflow.denoise_demo: error: interrupted\n")
-        return 130
-    return 0
+    return run_demo(main, "dssn_kernels.workflow.denoise_demo")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Options shared by the workflow's commands: the device, output paths, and which errors
-are the user's."""
+"""Options shared by the workflow's commands: the device, output paths, which errors
+are the user's, and how a demo's ``python -m`` entry reports them."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,27 @@ class WorkflowError(ValueError):
 
 
 USER_ERRORS = (CheckpointError, DatasetError, ResultsError, WorkflowError)
+
+
+def run_demo(main, prog: str) -> int:
+    """Runs a demo's ``main()`` for ``python -m prog``: user errors (scikit-learn missing,
+    a bad --out, a file that cannot be written, ...) are one line on stderr and exit status
+    2, an interruption exit status 130, as with the ``dssn`` command; 0 when it ran."""
+    try:
+        main()
+    except USER_ERRORS as exc:
+        sys.stderr.write(f"python -m {prog}: error: {exc}\n")
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        sys.stderr.write(f"python -m {prog}: error: "
+                         f"{exc.strerror or type(exc).__name__}: {exc.filename}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"python -m {prog}: error: interrupted\n")
+        return 130
+    return 0
 
 
 def resolve_device(device: str | None) -> str:

@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "loss CE(f(x1), y) + W * KL(f(x1) || f(x2))")
     t.add_argument("--stability-weight", type=float, default=6.0, metavar="W",
                    help="W of --stability (default 6)")
+    t.add_argument("--compile", action="store_true",
+                   help="train through torch.compile(model) (recorded in the checkpoint; a "
+                        "resume needs the same)")
+    t.add_argument("--compile-backend", help=argparse.SUPPRESS)   # tests: eager, aot_eager
+    t.add_argument("--autocast", choices=("bf16", "fp16"),
+                   help="forward and loss under torch.autocast in bfloat16 or float16 (fp16: "
+                        "CUDA only, with a gradient scaler); recorded like --compile")
     t.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     t.add_argument("--workers", type=int, default=0, help="data loader processes (imagenet)")
@@ -322,7 +329,10 @@ def cmd_train(args) -> int:
                          data_root=args.data_root, device=args.device, workers=args.workers,
                          progress=not args.no_progress, overwrite=args.overwrite,
                          resume=args.resume, noise=args.noise, stability=args.stability,
-                         stability_weight=args.stability_weight)
+                         stability_weight=args.stability_weight,
+                         compile=({"backend": args.compile_backend} if args.compile_backend
+                                  else args.compile),
+                         autocast=args.autocast)
     print(f"trained {res['arch']} on {res['num_train']} {args.dataset} images, "
           f"{res['spec'].describe()}, in {res['seconds']:.1f}s (last epoch: loss "
           f"{res['final_loss']:.3f}, accuracy under noise {100 * res['final_noisy_accuracy']:.1f}%)")

@@ -8,6 +8,7 @@ checkpoint is written.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -71,6 +72,39 @@ def _noise_settings(noise: str, stability: bool, weight: float) -> dict:
     if stability:
         d["stability_weight"] = weight
     return d
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _precision_settings(compile, autocast) -> dict:
+    """``--compile`` / ``--autocast`` as the checkpoint's ``training`` dict and the resume
+    check record them: nothing when neither is given (a plain training's records are as
+    before), else ``compile`` (True, or the torch.compile arguments given as a dict) and
+    ``autocast`` ("bf16", "fp16" or None)."""
+    if compile is None and autocast is None:
+        return {}
+    if compile is not None and compile != {}:
+        compile = {k: (v if isinstance(v, (str, int, float, bool, dict, type(None)))
+                       else repr(v)) for k, v in compile.items()}
+    return {"compile": compile == {} or (compile or False), "autocast": autocast}
+
+
+def _check_precision(compile, autocast, device) -> tuple:
+    """(torch.compile arguments or None, autocast name or None) of a training, checked
+    against the device: fp16 autocast trains with a GradScaler on CUDA only."""
+    from ..checks import check_compile
+
+    try:
+        compile = check_compile(compile)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(f"--compile: {exc}") from None
+    if autocast is not None and autocast not in AUTOCAST:
+        raise WorkflowError(f"--autocast must be bf16 or fp16, got {autocast!r}")
+    if autocast == "fp16" and torch.device(device).type != "cuda":
+        raise WorkflowError(f"--autocast fp16 trains on a CUDA device only (with a gradient "
+                            f"scaler), not on {device}; use --autocast bf16 there")
+    return compile, autocast
 
 
 def state_path(out) -> Path:
@@ -204,7 +238,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
           augment: bool | None = None, train_seed: int = 0, max_train: int | None = None,
           data_root=None, device: str | None = "cpu", workers: int = 0,
           progress: bool = False, overwrite: bool = False, resume: bool = False,
-          noise: str = "dssn", stability: bool = False, stability_weight: float = 6.0) -> dict:
+          noise: str = "dssn", stability: bool = False, stability_weight: float = 6.0,
+          compile=None, autocast: str | None = None) -> dict:
     """Trains a base classifier on one random DSSN variant per sample and step (the
     offsets of ``seed``, as at certification) and saves a checkpoint to ``out``.
 
@@ -214,6 +249,13 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     spec is still stored: it is what certify smooths with).
     ``stability``: stability training (Li et al. 2019): two independent noise draws of
     every image, loss = CE(f(x1), y) + ``stability_weight`` * KL(f(x1) || f(x2)).
+
+    ``compile``: run the model's forward through ``torch.compile`` (True; a mode string or
+    a dict of torch.compile arguments as ``dk.certify``'s ``compile=``, e.g.
+    ``{"backend": "eager"}``); ``autocast``: "bf16" or "fp16" (CUDA only, with a
+    GradScaler): the forward and loss under ``torch.autocast``. Both are recorded in the
+    checkpoint's ``training`` dict and must match on resume; without them the training is
+    exactly as before.
 
     ``seed`` is the smoothing seed (split offsets); ``train_seed`` seeds the weights, the
     shuffling and the noise draws. An existing ``out`` is refused unless ``overwrite``.
@@ -254,6 +296,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
         raise WorkflowError(f"--stability-weight must be a number >= 0, got {stability_weight!r}")
     stability_weight = float(stability_weight)
     device = resolve_device(device)
+    compile, autocast = _check_precision(compile, autocast, device)
     kwargs = default_model_kwargs(arch, ds.input_shape, ds.num_classes, info["mean"], info["std"])
 
     n = len(ds) if max_train is None else min(len(ds), max_train)
@@ -278,11 +321,24 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                       "spec": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
                       "optimizer": optimizer, "lr": lr, "augment": bool(augment),
                       "train_seed": train_seed, "num_train": n, **_noise_settings(
-                          noise, stability, stability_weight)})
+                          noise, stability, stability_weight),
+                      **_precision_settings(compile, autocast)})
+    on_cuda = torch.device(device).type == "cuda"
+    # fp16 autocast: gradients scaled against underflow (bf16 has fp32's range: no scaler)
+    scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
+    # the model as trained: compiled (the weights stay ``model``'s: state_dict, optimizer)
+    forward = model if compile is None else torch.compile(model, dynamic=False, **compile)
+
+    def precision():
+        return (torch.autocast(torch.device(device).type, dtype=AUTOCAST[autocast])
+                if autocast is not None else contextlib.nullcontext())
+
     def restore(state):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
 
     start, seconds_before, last_loss, last_acc = _resume(state_file, settings, g, restore,
                                                          resume=resume, command="train")
@@ -300,7 +356,6 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     model.train()
     bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="train",
                unit="step", disable=not progress)
-    on_cuda = torch.device(device).type == "cuda"
     for epoch in range(start, epochs):
         order = torch.randperm(len(ds), generator=g)[:n]
         seen = loss_sum = correct = 0
@@ -308,14 +363,21 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
             if augment:
                 x = _augment(x, g, pad)
             y = y.to(device)
-            logits = model(draw(x, g))
-            if stability:
-                loss = stability_loss(logits, model(draw(x, g)), y, weight=stability_weight)
-            else:
-                loss = loss_fn(logits, y)
+            with precision():
+                logits = forward(draw(x, g))
+                if stability:
+                    loss = stability_loss(logits, forward(draw(x, g)), y,
+                                          weight=stability_weight)
+                else:
+                    loss = loss_fn(logits, y)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             if per_step:
                 sched.step()
             seen += len(y)
@@ -332,6 +394,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
             "last_loss": last_loss, "last_acc": last_acc,
             "model": _weights(model),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            **({} if scaler is None else {"scaler": scaler.state_dict()}),
             "rng": _rng_state(g, on_cuda)})
         _after_epoch(epoch + 1)
     bar.close()
@@ -342,6 +405,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     training = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
                 "augment": bool(augment), "train_seed": train_seed, "num_train": n,
                 **_noise_settings(noise, stability, stability_weight),
+                **_precision_settings(compile, autocast),
                 "final_loss": last_loss, "final_noisy_accuracy": last_acc, "seconds": seconds,
                 "device": str(device), "torch": str(torch.__version__),
                 "dssn_kernels": dssn_kernels.__version__}

@@ -27,6 +27,18 @@ namespace dssn {
 // Largest q + L for which SplitDivisor is exact (see below). Checked by the callers.
 constexpr int64_t kMaxLevelsPlusVariants = int64_t(1) << 21;
 
+// The type a logit is compared in by the vote kernels (csrc/cpu/vote.cpp,
+// csrc/cuda/vote.cu): float for float32, float16 and bfloat16 (exact conversions),
+// double for float64.
+template <typename T>
+struct Cmp {
+  using type = float;
+};
+template <>
+struct Cmp<double> {
+  using type = double;
+};
+
 DSSN_HD int imin(int a, int b) { return a < b ? a : b; }
 DSSN_HD int imax(int a, int b) { return a > b ? a : b; }
 

@@ -16,16 +16,7 @@
 
 namespace {
 
-// The type a logit is compared in: float for float32, float16 and bfloat16 (exact
-// conversions), double for float64; the Cmp<T> of csrc/cuda/vote.cu.
-template <typename scalar_t>
-struct Cmp {
-  using type = float;
-};
-template <>
-struct Cmp<double> {
-  using type = double;
-};
+using dssn::Cmp;  // the type a logit is compared in (csrc/dssn_noise.h)
 
 // Index of the first maximum of row[0..K) (compared in Cmp's type), or -1 if the row
 // holds a NaN.

@@ -33,14 +33,7 @@ constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGrid = 1 << 20;  // grid-stride beyond this
 
-template <typename T>
-struct Cmp {
-  using type = float;
-};
-template <>
-struct Cmp<double> {
-  using type = double;
-};
+using dssn::Cmp;  // the type a logit is compared in (csrc/dssn_noise.h)
 
 __device__ __forceinline__ float to_cmp(float x) { return x; }
 __device__ __forceinline__ double to_cmp(double x) { return x; }

@@ -28,15 +28,22 @@ environment and downloads nothing. Steps, each a subprocess with a time limit, i
 * ``vs_monte_carlo``: benchmarks/vs_monte_carlo.py, DSSN against uniform-noise Monte Carlo
   at n = 100,000 (WRN-40-2 timed with fewer samples and scaled linearly, which its rows
   say), next to the paper's RTX 2080 Ti figures;
-* ``cpu_exactness``: the CPU suite's exactness tests, once (logs/pytest_cpu_exactness.log).
+* ``cpu_exactness``: the CPU suite's exactness tests, once (logs/pytest_cpu_exactness.log);
+* ``compiled``: overhead.py's precision rows (``--precision-only``) on WRN-40-2 and the
+  small CNN: certify eager fp32, compiled (torch.compile, inductor, CUDA graphs),
+  autocast bfloat16 with channels_last, and compiled + bfloat16 with channels_last, each
+  as a ratio to the eager fp32 forward passes alone of the same run, the compile time
+  apart, the graphs dynamo compiled, and the votes that differ from eager fp32
+  (last: compilation time can only cut short its own rows).
 
 Everything goes into --out: gpu_check.json, summary.md (also printed), logs/, and each
-benchmark's own JSON/markdown/PNG. A time budget (--budget, default 450 s) keeps the run
-under 8 minutes on an H100/H200-class GPU: a step that would start with too little time
+benchmark's own JSON/markdown/PNG. A time budget (--budget, default 600 s) keeps the run
+under 10 minutes on an H100/H200-class GPU: a step that would start with too little time
 left is skipped and reported as such. Exit status 0 only if every step ran and passed.
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes and the small CNN only, with
-no build (the command is reported) and no sanitizer (the sanitized script runs bare), so
+no build (the command is reported), no sanitizer (the sanitized script runs bare) and
+torch.compile's ``eager`` backend (a check of the rows, not of speed), so
 that CI exercises this script without a GPU (tests/test_gpu_check.py).
 """
 from __future__ import annotations
@@ -58,8 +65,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+# compiled runs last: its compilations (the slowest, least predictable part) can only cut
+# short its own rows, never the steps before it
 STEPS = ("build", "gpu_tests", "sanitizer", "overhead", "precision", "vs_monte_carlo",
-         "cpu_exactness")
+         "cpu_exactness", "compiled")
 GPU_SIGMAS = (0.15, 0.5, 1.0, 2.0, 3.5)
 # The paper (Levine & Feizi 2021, Figure 6): WRN-40-2 on CIFAR-10, one RTX 2080 Ti.
 PAPER_GPU = "RTX 2080 Ti"
@@ -82,17 +91,25 @@ def plan(dry_run: bool) -> dict:
         return {"device": "cpu", "models": ("small",), "sigmas": (0.02, 0.05),
                 "batch_size": 256, "images": {"small": 1}, "repeats": 1,
                 "precision_images": {"small": 1}, "precision_repeats": 1,
+                "compiled_sigmas": (0.05,), "compiled_images": {"small": 1},
+                "compiled_repeats": 1, "compile_backend": "eager",
                 "mc_images": 1, "mc_n_timed": {"small": 256}, "mc_repeats": 1,
                 "caps": {"build": 60, "gpu_tests": 60, "sanitizer": 60, "overhead": 60,
-                         "precision": 60, "vs_monte_carlo": 60, "cpu_exactness": 60}}
+                         "precision": 60, "compiled": 60, "vs_monte_carlo": 60,
+                         "cpu_exactness": 60}}
     return {"device": "cuda", "models": ("wrn40-2", "small"), "sigmas": GPU_SIGMAS,
             "batch_size": 1024, "images": {"wrn40-2": 4, "small": 8}, "repeats": 3,
             "precision_images": {"wrn40-2": 4, "small": 8}, "precision_repeats": 2,
+            # images * L >= the forward batch at both sigmas: one static shape, so one
+            # compilation per compiled configuration and model (inductor's, timed apart)
+            "compiled_sigmas": (0.5, 3.5), "compiled_images": {"wrn40-2": 4, "small": 4},
+            "compiled_repeats": 3, "compile_backend": "inductor",
             "mc_images": 1, "mc_n_timed": {"wrn40-2": 20_000, "small": 100_000},
             "mc_repeats": 3,
             # seconds, per subprocess; the budget cuts them further
             "caps": {"build": 300, "gpu_tests": 180, "sanitizer": 90, "overhead": 120,
-                     "precision": 90, "vs_monte_carlo": 90, "cpu_exactness": 120}}
+                     "precision": 90, "compiled": 240, "vs_monte_carlo": 90,
+                     "cpu_exactness": 120}}
 
 
 # --- running steps ---------------------------------------------------------------------
@@ -447,6 +464,22 @@ def step_precision(r: Runner, p: dict, dry: bool, state: dict):
         rec["report"] = f"precision_{model}.json"
 
 
+def step_compiled(r: Runner, p: dict, dry: bool, state: dict):
+    """overhead.py --precision-only: compiled and bfloat16 certify against the eager fp32
+    forward passes (compile time apart, votes that differ from eager fp32)."""
+    for model in p["models"]:
+        cmd = [r.python, HERE / "overhead.py", "--device", p["device"], "--model", model,
+               "--stem", f"compiled_{model}", "--out", r.out, "--precision-only",
+               "--sigmas", *[f"{s:g}" for s in p["compiled_sigmas"]],
+               "--images", p["compiled_images"][model], "--repeats", p["compiled_repeats"],
+               "--batch-size", p["batch_size"], "--compile-backend", p["compile_backend"]]
+        if dry:
+            cmd += ["--backends", "cpp"]
+        rec = r.run("compiled", f"compiled {model}", cmd, p["caps"]["compiled"],
+                    f"compiled_{model}.log")
+        rec["report"] = f"compiled_{model}.json"
+
+
 def step_vs_monte_carlo(r: Runner, p: dict, dry: bool, state: dict):
     for model in p["models"]:
         cmd = [r.python, HERE / "vs_monte_carlo.py", "--device", p["device"], "--model", model,
@@ -475,7 +508,7 @@ def step_cpu_exactness(r: Runner, p: dict, dry: bool, state: dict):
 
 STEP_FUNCS = {"build": step_build, "gpu_tests": step_gpu_tests, "sanitizer": step_sanitizer,
               "overhead": step_overhead, "precision": step_precision,
-              "vs_monte_carlo": step_vs_monte_carlo, "cpu_exactness": step_cpu_exactness}
+              "compiled": step_compiled, "vs_monte_carlo": step_vs_monte_carlo, "cpu_exactness": step_cpu_exactness}
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -491,10 +524,11 @@ def md_table(head, rows):
 
 def collect(r: Runner, p: dict) -> dict:
     """The benchmark reports the steps wrote, keyed by model."""
-    out = {"overhead": {}, "precision": {}, "vs_monte_carlo": {}}
+    out = {"overhead": {}, "precision": {}, "compiled": {}, "vs_monte_carlo": {}}
     for model in p["models"]:
         out["overhead"][model] = read_json(r.out / f"overhead_{model}.json")
         out["precision"][model] = read_json(r.out / f"precision_{model}.json")
+        out["compiled"][model] = read_json(r.out / f"compiled_{model}.json")
         out["vs_monte_carlo"][model] = read_json(r.out / f"vs_monte_carlo_{model}.json")
     return out
 
@@ -601,6 +635,34 @@ def markdown(result: dict, p: dict) -> str:
                             fmt(row["forward_s"]), fmt(row["ratio"], ".3f"),
                             fmt(row["predictions_agree_fp32"], ".3f"),
                             row["votes_moved_vs_fp32"]] for row in prec])
+    comp = [(model, row) for model in p["models"]
+            for row in ((result["reports"]["compiled"].get(model) or {}).get("precision")
+                        or [])]
+    if comp:
+        backend = ((result["reports"]["compiled"].get(comp[0][0]) or {}).get("environment")
+                   or {}).get("compile_backend", "inductor")
+        lines += ["", "## Compiled and bfloat16", "",
+                  "certify (overhead.py --precision-only) against the eager fp32 forward "
+                  "passes alone of the same run (same inputs and batch size): `/ fp32 "
+                  "forward` = median time / eager fp32 forward time (below 1: faster than "
+                  "the model's own eager forwards); compile s = first call - median call "
+                  f"(torch.compile backend {backend}, dynamic=False); graphs = graphs dynamo "
+                  "compiled in the first call + in the timed repetitions; votes differ = "
+                  "votes that went to another class than under eager fp32 (reported, never "
+                  "hidden).", ""]
+        body = []
+        for model, row in comp:
+            for name, c in row["configs"].items():
+                compiled = "compiled" in name
+                body.append([model, f"{row['sigma']:g}", row["L"],
+                             "forward only, eager fp32" if name == "forward"
+                             else f"certify, {name}", fmt(c["median_s"]),
+                             fmt(c["ratio_to_forward"], ".3f"),
+                             fmt(c.get("compile_s"), ".1f") if compiled else "-",
+                             f"{c['graphs_first_call']} + {row['graphs_during_repeats']}"
+                             if compiled else "-", str(c.get("votes_differ", "-"))])
+        lines += md_table(["model", "sigma", "L", "run", "median (s)", "/ fp32 forward",
+                           "compile (s)", "graphs", "votes differ"], body)
     mem_rows, Ls = [], None
     for model in p["models"]:
         mem = (result["reports"]["overhead"].get(model) or {}).get("memory")
@@ -617,6 +679,7 @@ def markdown(result: dict, p: dict) -> str:
         lines += md_table(["model", "run"] + [f"L {L}" for L in Ls], mem_rows)
     lines += ["", "Files: gpu_check.json (everything), logs/ (each step's output, the pytest "
                   "logs), overhead_*.{json,md,png}, precision_*.json, "
+                  "compiled_*.{json,md}, "
                   "vs_monte_carlo_*.{json,md,png}."]
     return "\n".join(lines) + "\n"
 
@@ -627,7 +690,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU device, tiny sizes, small CNN only, no build, no sanitizer")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run (default 450; dry run 300)")
+                    help="seconds for the whole run (default 600; dry run 300)")
     ap.add_argument("--only", nargs="+", choices=STEPS, default=None,
                     help="run these steps only (the probe always runs)")
     ap.add_argument("--skip", nargs="+", choices=STEPS, default=(), help="steps to leave out")
@@ -664,7 +727,7 @@ def main(argv=None) -> int:
                   "run `python benchmarks/gpu_check.py --dry-run` to exercise it on a CPU",
                   file=sys.stderr)
             return 2
-    budget = args.budget if args.budget is not None else (300.0 if dry else 450.0)
+    budget = args.budget if args.budget is not None else (300.0 if dry else 600.0)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     r = Runner(out, budget, sys.executable)

@@ -1,7 +1,8 @@
 """`make gpu-check` cannot rot before its first GPU run: its dry run (the same script,
 benchmarks/gpu_check.py --dry-run: CPU device, tiny sizes, no build, no sanitizer) runs
 every step and writes the report: gpu_check.json, summary.md and the logs, with a row for
-every model and sigma of the plan and every precision mode."""
+every model and sigma of the plan, every precision mode, and the compiled and bfloat16
+rows of overhead.py (torch.compile's eager backend in the dry run)."""
 import importlib.util
 import json
 import subprocess
@@ -44,7 +45,8 @@ def test_report_files_exist(dry_run):
     out, _ = dry_run
     for rel in ("gpu_check.json", "summary.md", "logs/pytest_gpu.log",
                 "logs/pytest_cpu_exactness.log", "logs/probe.log", "overhead_small.json",
-                "overhead_small.md", "precision_small.json", "vs_monte_carlo_small.json",
+                "overhead_small.md", "precision_small.json", "compiled_small.json",
+                "compiled_small.md", "vs_monte_carlo_small.json",
                 "vs_monte_carlo_small.md"):
         assert (out / rel).is_file(), rel
     assert "-m gpu" in (out / "logs/pytest_gpu.log").read_text()
@@ -57,7 +59,7 @@ def test_every_step_ran(dry_run):
     status = {rec["name"]: rec["status"] for rec in result["steps"]}
     assert status == {"build": "dry-run", "probe": "ok", "pytest -m gpu": "ok",
                       "memcheck cpp": "ok", "overhead small": "ok", "precision small": "ok",
-                      "vs_monte_carlo small": "ok", "CPU exactness tests": "ok"}, status
+                      "compiled small": "ok", "vs_monte_carlo small": "ok", "CPU exactness tests": "ok"}, status
     tests = {rec["name"]: rec.get("counts") for rec in result["steps"]}
     assert tests["pytest -m gpu"].get("skipped", 0) > 0      # the gpu cases, skipped here
     assert tests["CPU exactness tests"]["collected"] > 0
@@ -83,6 +85,22 @@ def test_rows_for_every_model_sigma_and_mode(dry_run):
         assert r["certify_s"] > 0 and r["forward_s"] > 0
         if r["mode"] == "fp32":
             assert r["votes_moved_vs_fp32"] == 0 and r["predictions_agree_fp32"] == 1.0
+    compiled = result["reports"]["compiled"]["small"]
+    assert compiled["environment"]["compile_backend"] == plan["compile_backend"] == "eager"
+    assert [r["sigma"] for r in compiled["precision"]] == list(plan["compiled_sigmas"])
+    for r in compiled["precision"]:
+        assert list(r["configs"]) == ["forward", "eager fp32", "compiled",
+                                      "bf16 autocast, channels_last",
+                                      "compiled + bf16, channels_last"]
+        assert r["configs"]["forward"]["ratio_to_forward"] == 1.0
+        assert r["configs"]["eager fp32"]["votes_differ"] == 0
+        for name, c in r["configs"].items():
+            assert c["median_s"] > 0 and c["ratio_to_forward"] > 0
+            if name != "forward":
+                assert c["votes_differ"] >= 0 and "compile_s" in c
+        # one compilation per compiled configuration, none in the timed repetitions
+        assert r["configs"]["compiled"]["graphs_first_call"] >= 1
+        assert r["graphs_during_repeats"] == 0
     memory = result["reports"]["overhead"]["small"]["memory"]["summary"]
     assert memory and all(len(m["L"]) == len(plan["sigmas"]) for m in memory)
 
@@ -92,7 +110,7 @@ def test_summary_sections_and_tables(dry_run):
     md = (out / "summary.md").read_text()
     for section in ("## Steps", "## compute-sanitizer memcheck",
                     "## Certification time per image", "## Precision",
-                    "## Peak memory against L"):
+                    "## Compiled and bfloat16", "## Peak memory against L"):
         assert section in md, section
     lines = md.splitlines()
     tables = 0
@@ -106,7 +124,13 @@ def test_summary_sections_and_tables(dry_run):
             widths = {len(row.strip().strip("|").split("|")) for row in block}
             assert len(widths) == 1 and len(block) >= 3, block
             tables += 1
-    assert tables == 5
+    assert tables == 6
+    compiled = md.split("## Compiled and bfloat16")[1].split("##")[0]
+    for run in ("forward only, eager fp32", "certify, eager fp32", "certify, compiled",
+                "certify, bf16 autocast, channels_last",
+                "certify, compiled + bf16, channels_last"):
+        assert f"| {run} |" in compiled, run
+    assert "/ fp32 forward" in compiled and "votes differ" in compiled
 
 
 def test_pytest_counts_reads_the_closing_line():

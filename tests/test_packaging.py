@@ -210,22 +210,21 @@ def test_wheel_holds_every_module_and_no_build_products(dists, files):
     assert "dssn = dssn_kernels.workflow.cli:main" in entry_points
 
 
-def test_wheel_installs_and_certifies(dists, site_links, tmp_path):
-    _, wheel = dists
+def install_and_check(dist, site_links, tmp_path):
+    """Installs ``dist`` into a fresh venv and checks it from a folder outside the tree."""
     python = fresh_venv(tmp_path / "venv", site_links)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    pip_install(python, wheel, outside)
+    pip_install(python, dist, outside)
     check_installed(python, outside)
+
+
+def test_wheel_installs_and_certifies(dists, site_links, tmp_path):
+    install_and_check(dists[1], site_links, tmp_path)
 
 
 def test_sdist_installs_and_certifies(dists, site_links, tmp_path):
-    sdist, _ = dists
-    python = fresh_venv(tmp_path / "venv", site_links)
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    pip_install(python, sdist, outside)
-    check_installed(python, outside)
+    install_and_check(dists[0], site_links, tmp_path)
 
 
 def test_build_without_torch_says_how_to_fix(monkeypatch):

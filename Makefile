@@ -1,6 +1,9 @@
-# make demo   sets everything up (.venv, CPU torch, the C++ extension) and runs the demo
-# make compare-demo   the paper's comparison in small on digits: DSSN, independent SSN and
-#             uniform noise, standard and stability training, the Table 1 layout (minutes)
+# make demo   sets everything up (.venv, CPU torch, the C++ extension) and runs the main
+#             job on digits: the DSSN workflow, then the paper's comparison in small (DSSN,
+#             independent SSN and uniform noise, standard and stability training, the Table 1
+#             layout); about a minute and a half on 2 cores
+# make compare-demo   the comparison alone
+# make denoise-demo   denoised smoothing of a clean classifier (the paper's Appendix D; minutes)
 # make test   sets everything up and runs the test suite
 # make cuda-build-check   builds the CUDA extension against a CUDA torch in a second venv
 #             (cached in ~/.cache/dssn-kernels; no GPU needed) and checks its registration
@@ -21,7 +24,7 @@ GPU_CHECK_ARGS ?=
 
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup demo compare-demo test bench clean cuda-build-check gpu-check
+.PHONY: setup demo compare-demo denoise-demo test bench clean cuda-build-check gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-dev.txt $(NATIVE)
@@ -32,9 +35,13 @@ $(VENV)/.installed: requirements-dev.txt $(NATIVE)
 
 demo: setup
 	$(PY) -m dssn_kernels.workflow.demo
+	$(PY) -m dssn_kernels.workflow.compare_demo
 
 compare-demo: setup
 	$(PY) -m dssn_kernels.workflow.compare_demo
+
+denoise-demo: setup
+	$(PY) -m dssn_kernels.workflow.denoise_demo
 
 test: setup
 	$(PY) -m pytest -q -rs

@@ -160,16 +160,22 @@ def kernel_times(x, sigma, bs, backend, logits, reps):
     return min(expand_s[1:]), min(vote_s[1:]), min(pipeline_s[1:])
 
 
+def forward_method(model, x, sigma, images: int, bs: int):
+    """(L, variants in all, {"forward": the model's own forward passes over them}) for one
+    sigma: the baseline every row of a sigma is a ratio to."""
+    L = dk.num_variants(sigma, q=Q)
+    total = images * L
+    buffer = variant_buffer(x, sigma, min(bs, total))
+    return L, total, {"forward": lambda: forward_only(model, buffer, total, bs)}
+
+
 def measure(args, model) -> list[dict]:
     device = args.device
     x = make_images(args.images, args.seed, device)
     bs = args.batch_size
     rows = []
     for sigma in args.sigmas:
-        L = dk.num_variants(sigma, q=Q)
-        total = args.images * L
-        buffer = variant_buffer(x, sigma, min(bs, total))
-        methods = {"forward": lambda: forward_only(model, buffer, total, bs)}
+        L, total, methods = forward_method(model, x, sigma, args.images, bs)
         for backend in args.backends:
             methods[f"certify_{backend}"] = (
                 lambda backend=backend: dk.certify(model, x, sigma=sigma, q=Q, batch_size=bs,
@@ -259,10 +265,7 @@ def measure_precision(args, model) -> list[dict]:
     x = make_images(args.images, args.seed, device)
     rows = []
     for sigma in args.sigmas:
-        L = dk.num_variants(sigma, q=Q)
-        total = args.images * L
-        buffer = variant_buffer(x, sigma, min(bs, total))
-        methods = {"forward": lambda: forward_only(model, buffer, total, bs)}
+        L, total, methods = forward_method(model, x, sigma, args.images, bs)
         for name, kw in PRECISION_CONFIGS:
             if "compile" in kw and args.compile_backend != "inductor":
                 kw = {**kw, "compile": {"backend": args.compile_backend}}

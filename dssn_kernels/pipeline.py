@@ -83,23 +83,17 @@ def compiled_cache(model) -> dict:
     return cache
 
 
-def _uses_cudagraphs(kwargs: dict, device) -> bool:
-    mode = kwargs.get("mode")
-    return torch.device(device).type == "cuda" and mode == "reduce-overhead" \
-        and kwargs.get("backend", "inductor") == "inductor"
-
-
 def compiled_model(model, compile: dict, *, rows: int, shape, dtype, device, autocast=None,
                    channels_last=False):
     """``torch.compile(model, dynamic=False, **compile)``, cached for the life of ``model``
     per (arguments, [rows, *shape], dtype, device, autocast, channels_last): a run, and
     every later run at the same shape, compiles the model once. ``compile`` is checked
     (checks.check_compile); ``{}`` picks "reduce-overhead" (CUDA graphs) on CUDA and the
-    default mode elsewhere."""
+    default mode elsewhere. Returns (the compiled model, whether it runs CUDA graphs)."""
     kwargs = dict(compile)
-    if "mode" not in kwargs and "options" not in kwargs \
-            and torch.device(device).type == "cuda" \
-            and kwargs.get("backend", "inductor") == "inductor":
+    cuda_inductor = torch.device(device).type == "cuda" \
+        and kwargs.get("backend", "inductor") == "inductor"
+    if cuda_inductor and "mode" not in kwargs and "options" not in kwargs:
         kwargs["mode"] = "reduce-overhead"
     key = (tuple(sorted((k, v if isinstance(v, (str, bool, type(None))) else repr(v))
                         for k, v in kwargs.items())),
@@ -108,7 +102,7 @@ def compiled_model(model, compile: dict, *, rows: int, shape, dtype, device, aut
     cache = compiled_cache(model)
     if key not in cache:
         cache[key] = torch.compile(model, dynamic=False, **kwargs)
-    return cache[key], _uses_cudagraphs(kwargs, device)
+    return cache[key], cuda_inductor and kwargs.get("mode") == "reduce-overhead"
 
 
 class ModelCall:
@@ -127,6 +121,7 @@ class ModelCall:
         self.dtype, self.channels_last = dtype, bool(channels_last)
         self.autocast, self.cudnn_benchmark = autocast, cudnn_benchmark
         self.compile = compile
+        self._cudagraphs = False   # set by prepare
 
     @classmethod
     def checked(cls, dtype=torch.float32, channels_last=False, autocast=None,
@@ -150,7 +145,6 @@ class ModelCall:
         """The callable the forwards of a run use: ``model`` itself, or its compiled form
         for inputs [rows, *shape] (compiled_model)."""
         if self.compile is None:
-            self._cudagraphs = False
             return model
         compiled, self._cudagraphs = compiled_model(
             model, self.compile, rows=rows, shape=shape, dtype=self.dtype, device=device,
@@ -173,7 +167,7 @@ class ModelCall:
     def __call__(self, model, inputs):
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if getattr(self, "_cudagraphs", False):
+        if self._cudagraphs:
             # CUDA graphs reuse their output buffers: the last logits were voted already
             torch.compiler.cudagraph_mark_step_begin()
         if self.autocast is None:

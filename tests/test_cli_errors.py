@@ -145,6 +145,8 @@ CASES = {
     "train-out-empty": (["train", "--sigma", "0.5", "--out", ""], ["--out is empty"]),
     "train-out-exists": (["train", "--sigma", "0.5", "--out", "m.pt"], ["m.pt exists", "--overwrite"]),
     "analyze-out-parent-file": (["analyze", "r.tsv", "--out", "afile/t.md"], ["afile is a file"]),
+    "analyze-out-is-input": (["analyze", "x=r.tsv", "--out", "./r.tsv"],
+                             ["--out ./r.tsv is one of the result files"]),
     "plot-out-parent-file": (["plot", "curves", "r.tsv", "--out", "afile/c.png"], ["afile is a file"]),
     "plot-out-folder": (["plot", "noise", "--out", "."], ["is a folder"]),
     # options out of range

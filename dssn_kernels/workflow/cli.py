@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L1 radii, [0, 1] scale (default: 0.5 .. 4.0 for q=255, else 8 up to the max)")
     a.add_argument("--decimals", type=_nonnegative_int, default=1,
                    help="decimals of the percentages")
-    a.add_argument("--out", help="also write the markdown to this file")
+    a.add_argument("--out", help="also write the markdown to this file (not one of FILE)")
     _add_threads(a)
 
     pl = sub.add_parser("plot", help="plots (PNG): accuracy-radius curves, noise pictures")
@@ -363,11 +363,15 @@ def cmd_certify(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze
+    from .analysis import analyze, parse_result_arg
     from .options import check_output_path
 
     if args.out is not None:
-        check_output_path(args.out)
+        out = check_output_path(args.out)
+        for _, path in map(parse_result_arg, args.files):
+            if out.exists() and Path(path).exists() and out.samefile(path):
+                raise UsageError(f"--out {args.out} is one of the result files: give another "
+                                 "name for the table")
     text = analyze(args.files, args.radii, args.decimals)
     print(text, end="")
     if args.out:

@@ -292,8 +292,9 @@ _COMMON_DOC = """
     evaluates that many variants of an image between looks. ``order``: the order each
     image's variants are evaluated in (:func:`variant_order`). ``backend``,
     ``num_classes``, ``dtype``, ``channels_last``, ``autocast``, ``cudnn_benchmark``,
-    ``compile``: as in certify (compiled: every round runs at the workspace's one shape). The answers equal the full evaluation's for every order, chunk size and
-    batch size (deterministic model). On a GPU there is one host sync per round.
+    ``compile``: as in certify (compiled: every round runs at the workspace's one shape).
+    The answers equal the full evaluation's for every order, chunk size and batch size
+    (deterministic model). On a GPU there is one host sync per round.
 """
 
 
@@ -334,7 +335,7 @@ def _run_options(smoothing: Smoothing, order, chunk_size, dtype, channels_last, 
 def run_certify_at(model, x, radius, smoothing: Smoothing, *, order="sequential",
                    chunk_size=None, settle_prediction=True, dtype=torch.float32,
                    channels_last=False, autocast=None, cudnn_benchmark=None,
-               compile=False) -> Decision:
+                   compile=False) -> Decision:
     """certify_at with checked smoothing parameters (certify_at, DSSN.certify_at)."""
     q = smoothing.q
     steps = decisions.required_steps(radius, q)

@@ -424,9 +424,8 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd + rest)
 
 
-COMMANDS = {"train": cmd_train, "certify": cmd_certify, "analyze": cmd_analyze,
-            "plot": cmd_plot, "bench": cmd_bench}
-COMMANDS["train-denoiser"] = cmd_train_denoiser
+COMMANDS = {"train": cmd_train, "train-denoiser": cmd_train_denoiser, "certify": cmd_certify,
+            "analyze": cmd_analyze, "plot": cmd_plot, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
@@ -454,11 +453,9 @@ def main(argv=None) -> int:
             raise
         return fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
     except KeyboardInterrupt:
-        hint = {"certify": "; rerun the same command to resume",
-                "train": "; rerun the same command with --resume to continue from the last "
-                         "finished epoch",
-                "train-denoiser": "; rerun the same command with --resume to continue from "
-                                  "the last finished epoch"}.get(args.command, "")
+        resume = "; rerun the same command with --resume to continue from the last finished epoch"
+        hint = {"certify": "; rerun the same command to resume", "train": resume,
+                "train-denoiser": resume}.get(args.command, "")
         return fail(f"interrupted{hint}", 130)
 
 

@@ -11,6 +11,7 @@ imports this package.
 | module | what it holds |
 | --- | --- |
 | ``cli`` | the ``dssn`` command (``python -m dssn_kernels``) |
+| ``options`` | what the commands share: ``--device``, ``--out`` checks, the user errors (``USER_ERRORS``) |
 | ``trainer`` | ``train``: a base classifier under DSSN, independent-SSN or uniform noise (stability training optional) -> checkpoint |
 | ``denoiser`` | ``train_denoiser``: a DnCNN in front of a frozen classifier (denoised smoothing) -> checkpoint |
 | ``certify_data`` | ``certify_dataset``: a data split -> resumable result TSV (DSSN exactly, or Monte Carlo), sharded under torchrun |

@@ -292,8 +292,9 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
     if margin > 0 and not return_ambiguous:
         raise ValueError("run_votes: a margin needs return_ambiguous=True (ambiguous inputs "
                          "vote for no class)")
+    call = call or ModelCall()
     total = num_images * per_image
-    rows_max = (call or ModelCall()).workspace_rows(batch_size, total)
+    rows_max = call.workspace_rows(batch_size, total)
     on_cpu = torch.device(device).type == "cpu"
     rounds = VoteRounds(model, shape=shape, rows_max=rows_max, num_images=num_images,
                         backend=backend, device=device, num_classes=num_classes, call=call,

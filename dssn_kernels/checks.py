@@ -1,11 +1,12 @@
 """Argument checks of the public entry points, in one place.
 
 Each ``check_*`` takes what the caller passed and returns the value the code goes on
-with (an int, a float, a name...), or raises TypeError/ValueError naming the argument.
-The entry points (``certify``, ``variants``, ``certify_at``, ``predict``, ``DSSN``,
-``training_noise``, ``certificate_from_counts`` and the workflow's Monte Carlo
-baselines) call them once, before any work; the code below them takes checked values
-and does not check again. The images themselves are read by ``inputs.to_levels`` and
+with (an int, a float, a name...), or raises TypeError/ValueError naming the argument
+(``check_known_keys`` and ``check_eval_mode`` only refuse, returning None). The entry
+points (``certify``, ``variants``, ``certify_at``, ``predict``, ``DSSN``,
+``logit_drift``, ``training_noise``, ``certificate_from_counts`` and the workflow's
+Monte Carlo baselines) call them once, before any work; the code below them takes
+checked values and does not check again. The images themselves are read by ``inputs.to_levels`` and
 the smoothing spec (sigma, lam, L) by ``spec.resolve_num_variants``, which turn them
 into what the kernels take; the kernels' own checks of the tensors handed to them
 (shape, dtype, device) stay with the kernels (ops/, triton/, csrc/).

@@ -151,6 +151,8 @@ CASES = {
     "plot-out-folder": (["plot", "noise", "--out", "."], ["is a folder"]),
     # options out of range
     "analyze-decimals": (["analyze", "r.tsv", "--decimals", "-2"], ["--decimals", ">= 0", "-2"]),
+    "train-workers": (["train", "--sigma", "0.5", "--out", "new.pt", "--workers", "-1"],
+                      ["--workers", ">= 0", "-1"]),
     "plot-format": (["plot", "curves", "r.tsv", "--out", "c.txt"],
                     ["unsupported image format .txt", ".png", ".pdf", ".svg"]),
     "max-negative": (["certify", "m.pt", "--out", "new.tsv", "--max", "-5"], ["--max", "-1 for all"]),

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA only, with a gradient scaler); recorded like --compile")
     t.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    t.add_argument("--workers", type=int, default=0, help="data loader processes (imagenet)")
+    t.add_argument("--workers", type=_nonnegative_int, default=0, help="data loader processes (imagenet)")
     t.add_argument("--no-progress", action="store_true")
     _add_threads(t)
 

@@ -322,17 +322,17 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     res = train(args.out, dataset=args.dataset, arch=args.arch, sigma=args.sigma,
-                         lam=args.lam, q=args.q, seed=0 if args.seed is None else args.seed,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         optimizer=args.optimizer, augment=args.augment,
-                         train_seed=args.train_seed, max_train=args.max_train,
-                         data_root=args.data_root, device=args.device, workers=args.workers,
-                         progress=not args.no_progress, overwrite=args.overwrite,
-                         resume=args.resume, noise=args.noise, stability=args.stability,
-                         stability_weight=args.stability_weight,
-                         compile=({"backend": args.compile_backend} if args.compile_backend
-                                  else args.compile),
-                         autocast=args.autocast)
+                lam=args.lam, q=args.q, seed=0 if args.seed is None else args.seed,
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                optimizer=args.optimizer, augment=args.augment,
+                train_seed=args.train_seed, max_train=args.max_train,
+                data_root=args.data_root, device=args.device, workers=args.workers,
+                progress=not args.no_progress, overwrite=args.overwrite,
+                resume=args.resume, noise=args.noise, stability=args.stability,
+                stability_weight=args.stability_weight,
+                compile=({"backend": args.compile_backend} if args.compile_backend
+                         else args.compile),
+                autocast=args.autocast)
     print(f"trained {res['arch']} on {res['num_train']} {args.dataset} images, "
           f"{res['spec'].describe()}, in {res['seconds']:.1f}s (last epoch: loss "
           f"{res['final_loss']:.3f}, accuracy under noise {100 * res['final_noisy_accuracy']:.1f}%)")

@@ -151,6 +151,8 @@ CASES = {
     "plot-out-folder": (["plot", "noise", "--out", "."], ["is a folder"]),
     # options out of range
     "analyze-decimals": (["analyze", "r.tsv", "--decimals", "-2"], ["--decimals", ">= 0", "-2"]),
+    "analyze-radius-nan": (["analyze", "r.tsv", "--radii", "0.5", "nan"],
+                           ["--radii", "must be a finite radius, got nan"]),
     "train-workers": (["train", "--sigma", "0.5", "--out", "new.pt", "--workers", "-1"],
                       ["--workers", ">= 0", "-1"]),
     "plot-format": (["plot", "curves", "r.tsv", "--out", "c.txt"],

@@ -17,6 +17,7 @@ the checkpoint, an output that exists or is locked by another run, ...) exit wit
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +55,13 @@ def _max_index(text):
     v = int(text)
     if v < -1:
         raise argparse.ArgumentTypeError(f"must be an index >= 0, or -1 for all images; got {v}")
+    return v
+
+
+def _radius(text):
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite radius, got {text}")
     return v
 
 
@@ -270,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "over sigma in the layout of the paper's Table 1. A file given as "
                        "LABEL=PATH is grouped under LABEL (one table row per label).")
     a.add_argument("files", nargs="+", metavar="[LABEL=]FILE")
-    a.add_argument("--radii", type=float, nargs="+",
+    a.add_argument("--radii", type=_radius, nargs="+",
                    help="L1 radii, [0, 1] scale (default: 0.5 .. 4.0 for q=255, else 8 up to the max)")
     a.add_argument("--decimals", type=_nonnegative_int, default=1,
                    help="decimals of the percentages")

@@ -60,7 +60,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     r = torchrun([str(other), "--out", str(dist), "--max-index", "40"] + opts)
     assert r.returncode != 0 and "holds results of a different run" in r.stderr
     # (torchrun's launcher prints its own traceback for a failed worker; ours print one line)
-    assert "dssn_kernels/workflow.py" not in r.stderr and "dssn_kernels/results.py" not in r.stderr
+    assert "dssn_kernels/workflow/" not in r.stderr     # no frame of ours: no traceback
     assert dist.read_bytes() == before and not part_path(dist, 1).exists()
 
     # while another run holds the output's lock (rank 0 takes it), every rank stops at

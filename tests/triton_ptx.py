@@ -17,14 +17,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 LOGIT_TYPES = ("*fp32", "*fp16", "*bf16", "*fp64")
 INTS = ["R", "K", "stride_r", "stride_k", "row0", "rows_per_image"]
-CONSTEXPRS = ["BLOCK_R", "BLOCK_K", "IS_FP64"]
+CONSTEXPRS = ["BLOCK_R", "BLOCK_K", "K_BLOCKS", "IS_FP64"]
 ATOMICS = r"\b(?:atom|red)\.[\w.]+"
 
 
 def ptx_report(module, kernel, pointers, patterns, ones_too=False):
     """Runs in the probe process. Compiles dssn_kernels.triton.<module>.<kernel> for sm_80
     (arguments: ``pointers``, name -> type with None for the logits' type, then INTS, i32,
-    then CONSTEXPRS) once per logits type (BLOCK_R=4, BLOCK_K=1024, 8 warps); reports per
+    then CONSTEXPRS) once per logits type (BLOCK_R=4, BLOCK_K=1024, K_BLOCKS=2, 8 warps); reports per
     type the sorted distinct PTX matches of ``patterns`` (a regex: a list; a dict of
     regexes: a dict of lists). With ones_too, also compiles it with every int argument
     equal to 1 (Triton specializes those into constexprs, which the interpreter never
@@ -48,12 +48,14 @@ def ptx_report(module, kernel, pointers, patterns, ones_too=False):
     report = {}
     for lt in LOGIT_TYPES:
         src = ASTSource(fn=fn, signature=signature(lt, "i32"),
-                        constexprs={"BLOCK_R": 4, "BLOCK_K": 1024, "IS_FP64": lt == "*fp64"})
+                        constexprs={"BLOCK_R": 4, "BLOCK_K": 1024, "K_BLOCKS": 2,
+                                    "IS_FP64": lt == "*fp64"})
         ptx = triton.compile(src, target=target, options={"num_warps": 8}).asm["ptx"]
         report[lt] = found(patterns, ptx) if isinstance(patterns, str) else \
             {name: found(p, ptx) for name, p in patterns.items()}
     if ones_too:
-        consts = {k: 1 for k in INTS} | {"BLOCK_R": 1, "BLOCK_K": 1, "IS_FP64": False}
+        consts = {k: 1 for k in INTS} | {"BLOCK_R": 1, "BLOCK_K": 1, "K_BLOCKS": 1,
+                                         "IS_FP64": False}
         triton.compile(ASTSource(fn=fn, signature=signature("*fp32", "constexpr"),
                                  constexprs=consts), target=target, options={"num_warps": 1})
     return report

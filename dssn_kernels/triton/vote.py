@@ -7,7 +7,10 @@ max, then the smallest index equal to it, then a strict ``>`` across column bloc
 than tl.argmax, whose tie-breaking is an implementation detail. Votes are integer atomic
 adds, so counts do not depend on the order the programs run in.
 
-Each program reduces BLOCK_R rows, looping over the columns in blocks of BLOCK_K.
+Each program reduces BLOCK_R rows, looping over the columns in K_BLOCKS = cdiv(K, BLOCK_K)
+blocks of BLOCK_K. K_BLOCKS is a constexpr (a static trip count; one block whenever
+K <= MAX_BLOCK), which also keeps the loop a plain Python range in Triton's interpreter:
+triton 3.6's interpreter cannot take a range over a runtime int under numpy >= 2.4.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def _column_block(row_base, row_ok, k0, K, stride_k, BLOCK_K: tl.constexpr,
 @triton.jit
 def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0,
                  rows_per_image, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                 IS_FP64: tl.constexpr):
+                 K_BLOCKS: tl.constexpr, IS_FP64: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -60,7 +63,8 @@ def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0
         best = tl.full([BLOCK_R], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_R], dtype=tl.int32)       # all -inf rows vote 0, as torch
     nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for kb in range(K_BLOCKS):
+        k0 = kb * BLOCK_K
         cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, k0, K, stride_k,
                                                            BLOCK_K, IS_FP64)
         nan_seen = tl.maximum(nan_seen, has_nan)
@@ -146,4 +150,5 @@ def vote_triton(counts: torch.Tensor, nan_rows: torch.Tensor, logits: torch.Tens
     grid = (triton.cdiv(R, block_r),)
     _vote_kernel[grid](counts, nan_rows, logits, R, K, logits.stride(0), logits.stride(1),
                        row0, rows_per_image, BLOCK_R=block_r, BLOCK_K=block_k,
-                       IS_FP64=logits.dtype == torch.float64, num_warps=num_warps)
+                       K_BLOCKS=triton.cdiv(K, block_k), IS_FP64=logits.dtype == torch.float64,
+                       num_warps=num_warps)

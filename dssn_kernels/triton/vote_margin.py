@@ -40,7 +40,8 @@ def _below(a, z, tau):
 @triton.jit
 def _vote_margin_kernel(counts_ptr, amb_ptr, nan_ptr, logits_ptr, tau_ptr, R, K, stride_r,
                         stride_k, row0, rows_per_image, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr, IS_FP64: tl.constexpr):
+                        BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
+                        IS_FP64: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -55,7 +56,8 @@ def _vote_margin_kernel(counts_ptr, amb_ptr, nan_ptr, logits_ptr, tau_ptr, R, K,
         second = tl.full([BLOCK_R], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_R], dtype=tl.int32)
     nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for kb in range(K_BLOCKS):
+        k0 = kb * BLOCK_K
         cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, k0, K, stride_k,
                                                            BLOCK_K, IS_FP64)
         nan_seen = tl.maximum(nan_seen, has_nan)
@@ -75,7 +77,8 @@ def _vote_margin_kernel(counts_ptr, amb_ptr, nan_ptr, logits_ptr, tau_ptr, R, K,
     nans = tl.sum((row_ok & (nan_seen != 0)).to(tl.int64), axis=0)
     tl.atomic_add(nan_ptr, nans, mask=nans > 0, sem="relaxed")
 
-    for k0 in range(0, K, BLOCK_K):
+    for kb in range(K_BLOCKS):
+        k0 = kb * BLOCK_K
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = amb_row[:, None] & (cols < K)[None, :]
         x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * stride_k,
@@ -105,5 +108,5 @@ def vote_margin_triton(counts: torch.Tensor, ambiguous: torch.Tensor, nan_rows: 
     grid = (triton.cdiv(R, block_r),)
     _vote_margin_kernel[grid](counts, ambiguous, nan_rows, logits, tau, R, K, logits.stride(0),
                               logits.stride(1), row0, rows_per_image, BLOCK_R=block_r,
-                              BLOCK_K=block_k, IS_FP64=logits.dtype == torch.float64,
-                              num_warps=num_warps)
+                              BLOCK_K=block_k, K_BLOCKS=triton.cdiv(K, block_k),
+                              IS_FP64=logits.dtype == torch.float64, num_warps=num_warps)

@@ -20,7 +20,9 @@ The result is one checkpoint of arch ``denoised`` (``models.denoised(D, F)``: ke
 certification offsets) by default, or ``ssn`` / ``uniform`` (``training_noise(noise=)``).
 Training resumes as ``dssn train`` does: the whole state is written atomically to
 ``OUT.train-state`` after every epoch (trainer's helpers), ``resume=True`` continues to
-the very weights of an uninterrupted run (bit for bit on the CPU).
+the very weights of an uninterrupted run (bit for bit on the CPU), and the run holds
+``OUT.lock`` (results.OutputLock) throughout, so a second run on the same output fails at
+once.
 """
 from __future__ import annotations
 
@@ -100,14 +102,33 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
     The smoothing spec is the classifier checkpoint's unless ``sigma``/``lam``/``seed``
     are given (q always the data set's); ``dataset`` defaults to the checkpoint's. A
     checkpoint whose q, input shape or classes disagree with the data set is refused, and
-    so is an existing ``out`` without ``overwrite``. Returns a summary dict (path, spec,
-    seconds, final_loss, model, ...).
+    so is an existing ``out`` without ``overwrite``.
+
+    The run holds an exclusive lock on ``out`` (``OUT.lock``, results.OutputLock) from
+    before it looks at ``out`` or the state file to its end: a second run on the same
+    ``out`` fails at once, naming the first. Returns a summary dict (path, spec, seconds,
+    final_loss, model, ...).
     """
     if objective not in OBJECTIVES:
         raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if noise not in NOISES:
         raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
-    out, state_file = _open_out(out, overwrite=overwrite, resume=resume)
+    with _open_out(out, overwrite=overwrite, resume=resume,
+                   what="dssn train-denoiser") as (out, state_file):
+        return _train_denoiser(classifier, out, state_file, objective=objective, noise=noise,
+                               dataset=dataset, sigma=sigma, lam=lam, seed=seed, depth=depth,
+                               width=width, clamp=clamp, epochs=epochs,
+                               retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
+                               retrain_lr=retrain_lr, train_seed=train_seed,
+                               max_train=max_train, data_root=data_root, device=device,
+                               progress=progress, resume=resume)
+
+
+def _train_denoiser(classifier, out, state_file, *, objective, noise, dataset, sigma, lam,
+                    seed, depth, width, clamp, epochs, retrain_epochs, batch_size, lr,
+                    retrain_lr, train_seed, max_train, data_root, device, progress,
+                    resume) -> dict:
+    """train_denoiser's run, under the lock on ``out``."""
     ckpt = read_checkpoint(classifier)
     cspec: SmoothingSpec = ckpt["spec_obj"]
     c_arch, c_kwargs = ckpt["model"]["arch"], ckpt["model"]["kwargs"]

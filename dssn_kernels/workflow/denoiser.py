@@ -41,11 +41,11 @@ from .checkpoint import (CheckpointError, SmoothingSpec, build_model, file_sha25
 from .data import DatasetError, load_dataset
 from .models import DnCNN, denoised
 from .options import WorkflowError, resolve_device
-from .trainer import (TRAIN_DEFAULTS, _batches, _finish, _open_out, _resume, _rng_state,
-                      _save_state, _weights)
+# _after_epoch: the trainer's hook, imported (tests patch ``denoiser._after_epoch``)
+from .trainer import (STATE_FORMAT, TRAIN_DEFAULTS, _after_epoch, _batches, _finish, _open_out,
+                      _resume, _rng_state, _save_state, _weights)
 
 OBJECTIVES = ("mse", "stability", "mse-retrain")
-STATE_FORMAT = "dssn-train-state/1"   # trainer's _read_state checks this format
 
 # Denoiser defaults per data set: Salman et al.'s DnCNN (17 layers, 64 channels, Adam lr
 # 1e-3) for CIFAR-10 and ImageNet; a small one for the 8x8 digits.
@@ -82,10 +82,6 @@ def objective_loss(objective: str, denoiser: nn.Module, classifier: nn.Module,
     if objective == "classify":
         return F.cross_entropy(classifier(denoiser(noisy)), labels)
     raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-
-
-def _after_epoch(epoch: int) -> None:
-    """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
 
 
 def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dssn",

@@ -115,7 +115,9 @@ def state_path(out) -> Path:
 
 
 def _after_epoch(epoch: int) -> None:
-    """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
+    """Called after each epoch, once its state is saved (a hook: tests interrupt here).
+    The denoiser's training imports this one: a test patches the name in the module it
+    runs (``trainer._after_epoch`` or ``denoiser._after_epoch``)."""
 
 
 def _check_writable(out: Path) -> None:

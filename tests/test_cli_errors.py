@@ -147,6 +147,12 @@ CASES = {
     "train-out-exists": (["train", "--sigma", "0.5", "--out", "m.pt"], ["m.pt exists", "--overwrite"]),
     # refused after the lock is taken (its folders made): the folders go again
     "train-new-folders": (["train", "--out", "new/sub/m.pt"], ["give the noise level"]),
+    "denoiser-init-missing": (["train-denoiser", "m.pt", "--objective", "stability", "--init",
+                               "nope.pt", "--out", "new/d.pt", "--no-progress"],
+                              ["--init: no checkpoint file nope.pt"]),
+    "denoiser-init-not-denoiser": (["train-denoiser", "m.pt", "--objective", "stability",
+                                    "--init", "m.pt", "--out", "d.pt", "--no-progress"],
+                                   ["--init m.pt is not a denoiser checkpoint", "small_cnn"]),
     "analyze-out-parent-file": (["analyze", "r.tsv", "--out", "afile/t.md"], ["afile is a file"]),
     "analyze-out-is-input": (["analyze", "x=r.tsv", "--out", "./r.tsv"],
                              ["--out ./r.tsv is one of the result files"]),

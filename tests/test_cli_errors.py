@@ -25,7 +25,8 @@ pytest.importorskip("sklearn")
 import dssn_kernels  # noqa: E402
 from dssn_kernels.workflow import cli  # noqa: E402
 from dssn_kernels.workflow.models import SmallCNN  # noqa: E402
-from dssn_kernels.workflow.results import COLUMN_LINE, lock_path, read_results  # noqa: E402
+from dssn_kernels.workflow.results import (COLUMN_LINE, OutputLock, lock_path,  # noqa: E402
+                                           read_results)
 from testkit import tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -144,6 +145,14 @@ CASES = {
                               ["afile is a file, not a folder"]),
     "train-out-empty": (["train", "--sigma", "0.5", "--out", ""], ["--out is empty"]),
     "train-out-exists": (["train", "--sigma", "0.5", "--out", "m.pt"], ["m.pt exists", "--overwrite"]),
+    # refused after the lock is taken (its folders made): the folders go again
+    "train-new-folders": (["train", "--out", "new/sub/m.pt"], ["give the noise level"]),
+    "denoiser-init-missing": (["train-denoiser", "m.pt", "--objective", "stability", "--init",
+                               "nope.pt", "--out", "new/d.pt", "--no-progress"],
+                              ["--init: no checkpoint file nope.pt"]),
+    "denoiser-init-not-denoiser": (["train-denoiser", "m.pt", "--objective", "stability",
+                                    "--init", "m.pt", "--out", "d.pt", "--no-progress"],
+                                   ["--init m.pt is not a denoiser checkpoint", "small_cnn"]),
     "analyze-out-parent-file": (["analyze", "r.tsv", "--out", "afile/t.md"], ["afile is a file"]),
     "analyze-out-is-input": (["analyze", "x=r.tsv", "--out", "./r.tsv"],
                              ["--out ./r.tsv is one of the result files"]),
@@ -296,3 +305,35 @@ def test_a_second_certify_on_a_locked_output_fails_at_once(workdir):
         if holder.poll() is None:
             holder.kill()
             holder.wait(timeout=60)
+
+
+def test_a_training_on_a_locked_output_fails_at_once(workdir, tmp_path_factory):
+    """`dssn train` and `dssn train-denoiser` hold OUT.lock as certify does, taken before
+    they look at the output or its state file: with the lock held by another process (the
+    test), each refuses at once in one line naming the holder, --overwrite and --resume
+    included, and nothing is created, removed or changed."""
+    for name in ("t.pt", "s.pt.train-state"):   # the other run's output, and a state file
+        (workdir / name).write_bytes(f"{name} of the other run\n".encode())
+    held = [OutputLock(workdir / name, what="the holder").acquire()
+            for name in ("new.pt", "t.pt", "s.pt")]
+    tiny = ["--sigma", "0.5", "--epochs", "1", "--max-train", "32", "--no-progress",
+            "--device", "cpu"]
+    den = ["train-denoiser", "m.pt", "--objective", "mse", "--depth", "3", "--width", "4"] + tiny
+    cases = {"train": (["train", "--out", "new.pt"] + tiny, "new.pt"),
+             "train-overwrite": (["train", "--out", "t.pt", "--overwrite"] + tiny, "t.pt"),
+             "train-resume": (["train", "--out", "s.pt", "--resume"] + tiny, "s.pt"),
+             "denoiser": (den + ["--out", "new.pt"], "new.pt"),
+             "denoiser-overwrite": (den + ["--out", "t.pt", "--overwrite"], "t.pt"),
+             "denoiser-resume": (den + ["--out", "s.pt", "--resume"], "s.pt")}
+    try:
+        before = snapshot(workdir)
+        results = dssn_cases({k: args for k, (args, _) in cases.items()}, workdir,
+                             tmp_path_factory.mktemp("runner") / "out")
+        assert snapshot(workdir) == before
+    finally:
+        for lock in held:
+            lock.release()
+    problems = {k: one_line_error(results[k], f"{out} is in use",
+                                  f"the holder (pid {os.getpid()} on", "since", absent=NEVER)
+                for k, (_, out) in cases.items()}
+    assert {k: v for k, v in problems.items() if v} == {}

@@ -1,7 +1,7 @@
 """Denoised smoothing (issue 13): the DnCNN, the objectives' losses, `dssn train --noise
 none`, `dssn train-denoiser` end to end (the frozen classifier untouched, the composed
 checkpoint certifying as nn.Sequential(denoiser, classifier) built by hand), resume bit for
-bit, and the refusals."""
+bit, --init (a stability denoiser starting from the MSE one's weights), and the refusals."""
 import math
 
 import pytest
@@ -12,12 +12,12 @@ pytest.importorskip("sklearn")
 
 import dssn_kernels as dk  # noqa: E402
 from dssn_kernels.workflow import cli, denoiser  # noqa: E402
-from dssn_kernels.workflow.checkpoint import (SmoothingSpec, load_checkpoint,  # noqa: E402
-                                              save_checkpoint)
+from dssn_kernels.workflow.checkpoint import (SmoothingSpec, file_sha256,  # noqa: E402
+                                              load_checkpoint, save_checkpoint)
 from dssn_kernels.workflow.data import load_dataset  # noqa: E402
 from dssn_kernels.workflow.models import DnCNN, SmallCNN  # noqa: E402
 from dssn_kernels.workflow.trainer import state_path  # noqa: E402
-from testkit import interrupt_after_epoch, saved  # noqa: E402
+from testkit import assert_refused, interrupt_after_epoch, saved  # noqa: E402
 from testkit import run_cli as run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process", "one_thread")
@@ -113,7 +113,8 @@ def test_train_denoiser_cli_frozen_classifier_and_certify(clean_classifier, tmp_
     code, text, err = run(["train-denoiser", str(clean_classifier), "--objective", "stability",
                            "--epochs", "2", "--out", str(out)] + TINY, capsys)
     assert code == 0, err
-    assert "stability denoiser" in text and not state_path(out).exists()
+    assert "stability denoiser" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["den.pt"]   # no state, no lock
     # the classifier's weights: bit-identical in its own file and inside the composition
     after, composed = saved(clean_classifier, "state_dict"), saved(out, "state_dict")
     assert before.keys() == after.keys()
@@ -206,6 +207,104 @@ def test_refusals(clean_classifier, tmp_path, capsys):
     code, _, err = run(["train-denoiser", str(tmp_path / "missing.pt"), "--out",
                         str(tmp_path / "x.pt")] + base, capsys)
     assert code == 2 and "missing.pt" in err, err
+    code, _, err = run(["train-denoiser", str(clean_classifier), "--out", str(tmp_path / "x.pt"),
+                        "--q", "255"] + base, capsys)
+    assert_refused(code, err, "--q 255 disagrees with the classifier checkpoint's q=16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["den.pt", "q.pt", "s.pt"]
+
+
+# ------------------------------------------------------------------------ --init
+
+@pytest.fixture(scope="module")
+def mse_denoiser(clean_classifier, tmp_path_factory):
+    """An MSE denoiser in front of the clean classifier, tiny budget."""
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("mse") / "mse.pt"
+    assert cli.main(["train-denoiser", str(clean_classifier), "--objective", "mse",
+                     "--epochs", "1", "--out", str(path)] + TINY) == 0
+    return path
+
+
+def denoiser_weights(path):
+    return {k[len("denoiser."):]: v for k, v in saved(path, "state_dict").items()
+            if k.startswith("denoiser.")}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_starts_the_stability_denoiser_from_the_mse_one(clean_classifier, mse_denoiser,
+                                                             tmp_path, capsys, monkeypatch):
+    # the denoiser's weights when the first loss is computed, before the first step
+    first, objective_loss = [], denoiser.objective_loss
+
+    def spy(phase, den, *args):
+        if not first:
+            first.append({k: v.detach().clone() for k, v in den.state_dict().items()})
+        return objective_loss(phase, den, *args)
+
+    monkeypatch.setattr(denoiser, "objective_loss", spy)
+    out = tmp_path / "stab.pt"
+    argv = ["train-denoiser", str(clean_classifier), "--objective", "stability", "--epochs", "1",
+            "--out", str(out)] + TINY
+    code, _, err = run(argv + ["--init", str(mse_denoiser)], capsys)
+    assert code == 0, err
+    mse = denoiser_weights(mse_denoiser)
+    assert same(first[0], mse)                       # every weight and batch-norm statistic
+    assert not same(denoiser_weights(out), mse)      # and trained from there
+    training = saved(out, "training")
+    assert training["init"] == str(mse_denoiser)
+    assert training["init_sha256"] == file_sha256(mse_denoiser)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stab.pt"]   # no state, no lock
+
+    # without --init the same run starts elsewhere (from the seed's random weights)
+    first.clear()
+    code, _, err = run(argv + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert not same(first[0], mse)
+    assert "init" not in saved(out, "training")
+
+
+def test_init_refusals_and_resume(clean_classifier, mse_denoiser, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "stab.pt"
+    argv = ["train-denoiser", str(clean_classifier), "--objective", "stability", "--epochs", "2",
+            "--out", str(out)] + TINY
+    init = ["--init", str(mse_denoiser)]
+    other = tmp_path / "other.pt"                    # the same denoiser in other bytes
+    ckpt = torch.load(mse_denoiser, weights_only=True)
+    ckpt["training"]["note"] = "a copy"
+    torch.save(ckpt, other)
+
+    def files():
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+
+    def refused(extra, *patterns):
+        before = files()
+        code, _, err = run(argv + extra, capsys)
+        assert_refused(code, err, *patterns)
+        assert files() == before
+
+    refused(["--init", str(tmp_path / "missing.pt")], "--init", "missing.pt")
+    refused(["--init", str(clean_classifier)], "is not a denoiser checkpoint", "'small_cnn'")
+    refused(init + ["--depth", "4"], "holds another denoiser", "depth 3 (init) vs 4 (this run)")
+    refused(init + ["--width", "4"], "width 8 (init) vs 4 (this run)")
+    refused(init + ["--no-clamp"], "clamp true (init) vs false (this run)")
+    refused(init + ["--sigma", "0.25"], "other smoothing", "sigma=0.5 (L=", "(init) vs sigma=0.25")
+    refused(init + ["--seed", "3"], "other smoothing", "seed=0) (init) vs", "seed=3) (this run)")
+    refused(init + ["--noise", "ssn"], "noise dssn (init) vs ssn (this run)")
+    assert sorted(files()) == ["other.pt"]
+
+    # the init is part of the training: a resume with another one, or none, is refused
+    monkeypatch.setattr(denoiser, "_after_epoch", interrupt_after_epoch(1))
+    assert run(argv + init, capsys)[0] == 130
+    monkeypatch.undo()
+    assert state_path(out).exists()
+    refused(["--resume", "--init", str(other)], "different training", "init_sha256")
+    refused(["--resume"], "different training", "init_sha256")
+    code, _, err = run(argv + init + ["--resume"], capsys)
+    assert code == 0, err
+    assert saved(out, "training")["init_sha256"] == file_sha256(mse_denoiser)
 
 
 def test_denoise_demo_quick(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """`dssn train --resume`: the training state saved after every epoch (atomically, beside
 the output) continues an interrupted training to the very weights of an uninterrupted
 one, bit for bit on the CPU; a state of other options is refused, an existing output
-is kept unless --overwrite."""
+is kept unless --overwrite; no state or lock file is left behind."""
 import pytest
 import torch
 
@@ -36,7 +36,8 @@ def test_interrupted_and_resumed_training_ends_with_the_same_weights(tmp_path, c
                                                                      monkeypatch, opts):
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     assert run(["train", "--out", str(full)] + TINY + opts, capsys)[0] == 0
-    assert not state_path(full).exists()              # removed once the checkpoint is written
+    # the state removed once the checkpoint is written, the lock (full.pt.lock) released
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.pt"]
     monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch(2))
     code, out, err = run(["train", "--out", str(part)] + TINY + opts, capsys)
     assert code == 130 and "--resume" in err, err

@@ -113,6 +113,11 @@ def _add_train_denoiser_parser(sub, datasets):
     d.add_argument("--no-clamp", dest="clamp", action="store_false",
                    help="leave the denoiser's output unclamped (Salman et al.); default: "
                         "clamped to [0, 1]")
+    d.add_argument("--init", metavar="DENOISER.pt",
+                   help="start the denoiser from the denoiser of this checkpoint (written by an "
+                        "earlier train-denoiser, e.g. --objective mse before stability, as "
+                        "Salman et al.); its depth, width, clamp, smoothing spec and noise must "
+                        "be this run's. Recorded with its sha256: a resume needs the same")
     d.add_argument("--epochs", type=_positive_int, help="denoiser epochs (default: digits 20)")
     d.add_argument("--retrain-epochs", type=_positive_int,
                    help="mse-retrain: classifier + fine-tuning epochs (default: digits 30)")
@@ -129,16 +134,10 @@ def _add_train_denoiser_parser(sub, datasets):
 def cmd_train_denoiser(args) -> int:
     from .denoiser import train_denoiser
 
-    if args.q is not None:
-        from .checkpoint import read_checkpoint
-
-        ckpt_q = read_checkpoint(args.classifier)["spec_obj"].q
-        if args.q != ckpt_q:
-            raise UsageError(f"--q {args.q} disagrees with the classifier checkpoint's q={ckpt_q}")
     res = train_denoiser(args.classifier, args.out, objective=args.objective, noise=args.noise,
-                         dataset=args.dataset, sigma=args.sigma, lam=args.lam, seed=args.seed,
-                         depth=args.depth, width=args.width, clamp=args.clamp,
-                         epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+                         dataset=args.dataset, sigma=args.sigma, lam=args.lam, q=args.q,
+                         seed=args.seed, depth=args.depth, width=args.width, clamp=args.clamp,
+                         init=args.init, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
                          batch_size=args.batch_size, lr=args.lr, retrain_lr=args.retrain_lr,
                          train_seed=args.train_seed, max_train=args.max_train,
                          data_root=args.data_root, device=args.device,

@@ -20,7 +20,22 @@ The result is one checkpoint of arch ``denoised`` (``models.denoised(D, F)``: ke
 certification offsets) by default, or ``ssn`` / ``uniform`` (``training_noise(noise=)``).
 Training resumes as ``dssn train`` does: the whole state is written atomically to
 ``OUT.train-state`` after every epoch (trainer's helpers), ``resume=True`` continues to
-the very weights of an uninterrupted run (bit for bit on the CPU).
+the very weights of an uninterrupted run (bit for bit on the CPU), and the run holds
+``OUT.lock`` (results.OutputLock) throughout, so a second run on the same output fails at
+once.
+
+``init=`` (``--init DENOISER.pt``) starts the denoiser from the denoiser of an earlier
+``denoised`` checkpoint instead of a random initialization: Salman et al. (and the DSSN
+paper's Appendix D) start the ``stability`` denoiser from the ``mse`` one::
+
+    dssn train-denoiser clean.pt --objective mse --out mse.pt
+    dssn train-denoiser clean.pt --objective stability --init mse.pt --out stab.pt
+
+The init must hold a DnCNN of this run's depth, width, clamp and channels, trained for
+this run's smoothing (sigma / lambda, q, seed) and noise; anything else is refused. Its
+file name and sha256 go into the checkpoint's ``training`` dict (``init``,
+``init_sha256``) and the sha256 into the resume state, so a resume with another init is
+refused.
 """
 from __future__ import annotations
 
@@ -34,16 +49,17 @@ from tqdm.auto import tqdm
 
 from ..noises import NOISES
 from ..training import training_noise
-from .checkpoint import (CheckpointError, SmoothingSpec, build_model, file_sha256,
-                         model_from_checkpoint, plain, read_checkpoint)
+from .checkpoint import (CheckpointError, SmoothingSpec, SpecMismatchError, build_model,
+                         file_sha256, model_from_checkpoint, plain, read_checkpoint)
 from .data import DatasetError, load_dataset
 from .models import DnCNN, denoised
 from .options import WorkflowError, resolve_device
-from .trainer import (TRAIN_DEFAULTS, _batches, _finish, _open_out, _resume, _rng_state,
-                      _save_state, _weights)
+from .results import _diff
+# _after_epoch: the trainer's hook, imported (tests patch ``denoiser._after_epoch``)
+from .trainer import (STATE_FORMAT, TRAIN_DEFAULTS, _after_epoch, _batches, _finish, _open_out,
+                      _resume, _rng_state, _save_state, _weights)
 
 OBJECTIVES = ("mse", "stability", "mse-retrain")
-STATE_FORMAT = "dssn-train-state/1"   # trainer's _read_state checks this format
 
 # Denoiser defaults per data set: Salman et al.'s DnCNN (17 layers, 64 channels, Adam lr
 # 1e-3) for CIFAR-10 and ImageNet; a small one for the 8x8 digits.
@@ -82,35 +98,101 @@ def objective_loss(objective: str, denoiser: nn.Module, classifier: nn.Module,
     raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
-def _after_epoch(epoch: int) -> None:
-    """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
+def _init_weights(init, d_kwargs: dict, spec: SmoothingSpec, noise: str) -> dict:
+    """The denoiser weights (``denoiser.*`` without the prefix) of the ``denoised``
+    checkpoint ``init`` (written by an earlier ``train_denoiser``), refused unless its
+    denoiser is this run's (DnCNN of the same ``d_kwargs``: channels, depth, width,
+    clamp) and it was trained for this run's smoothing (sigma / lambda, q, seed: the
+    spec's L) and training noise."""
+    try:
+        ckpt = read_checkpoint(init)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--init: {exc}") from None
+    m = ckpt["model"]
+    entry = m["kwargs"].get("denoiser") if m["arch"] == "denoised" else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("kwargs"), dict):
+        raise CheckpointError(f"--init {init} is not a denoiser checkpoint (arch "
+                              f"{m['arch']!r}); give one written by `dssn train-denoiser`")
+    if entry.get("arch") != "dncnn" or entry["kwargs"] != d_kwargs:
+        diffs = [d.replace(" (file) vs ", " (init) vs ") for d in
+                 _diff({"arch": entry.get("arch"), **entry["kwargs"]},
+                       {"arch": "dncnn", **d_kwargs})]
+        raise CheckpointError(f"--init {init} holds another denoiser ({'; '.join(diffs)}); "
+                              "nothing was changed: give the --depth, --width (and --no-clamp) "
+                              "of its training, or another --init")
+    ispec: SmoothingSpec = ckpt["spec_obj"]
+    training = ckpt.get("training") if isinstance(ckpt.get("training"), dict) else {}
+    inoise = training.get("noise", "dssn")
+    diffs = []
+    if (ispec.q, ispec.L, ispec.seed) != (spec.q, spec.L, spec.seed) or not math.isclose(
+            ispec.sigma_value, spec.sigma_value, rel_tol=1e-9, abs_tol=0.0):
+        diffs.append(f"{ispec.describe()} (init) vs {spec.describe()} (this run)")
+    if inoise != noise:
+        diffs.append(f"noise {inoise} (init) vs {noise} (this run)")
+    if diffs:
+        raise SpecMismatchError(f"--init {init} was trained for other smoothing "
+                                f"({'; '.join(diffs)}); nothing was changed: give the "
+                                "--sigma/--lam, --seed and --noise of its training, or "
+                                "another --init")
+    return {k[len("denoiser."):]: v for k, v in ckpt["state_dict"].items()
+            if k.startswith("denoiser.")}
 
 
 def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dssn",
-                   dataset: str | None = None, sigma=None, lam=None, seed: int | None = None,
-                   depth: int | None = None, width: int | None = None, clamp: bool = True,
-                   epochs: int | None = None, retrain_epochs: int | None = None,
-                   batch_size: int | None = None, lr: float | None = None,
-                   retrain_lr: float | None = None, train_seed: int = 0,
+                   dataset: str | None = None, sigma=None, lam=None, q: int | None = None,
+                   seed: int | None = None, depth: int | None = None, width: int | None = None,
+                   clamp: bool = True, init=None, epochs: int | None = None,
+                   retrain_epochs: int | None = None, batch_size: int | None = None,
+                   lr: float | None = None, retrain_lr: float | None = None, train_seed: int = 0,
                    max_train: int | None = None, data_root=None, device: str | None = "cpu",
                    progress: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
     """Trains a DnCNN in front of the frozen classifier of checkpoint ``classifier`` and
     writes the pair as one ``denoised`` checkpoint to ``out``.
 
     The smoothing spec is the classifier checkpoint's unless ``sigma``/``lam``/``seed``
-    are given (q always the data set's); ``dataset`` defaults to the checkpoint's. A
-    checkpoint whose q, input shape or classes disagree with the data set is refused, and
-    so is an existing ``out`` without ``overwrite``. Returns a summary dict (path, spec,
-    seconds, final_loss, model, ...).
+    are given (q always the data set's; ``q``, when given, must be the checkpoint's);
+    ``dataset`` defaults to the checkpoint's. A checkpoint whose q, input shape or classes
+    disagree with the data set is refused, and so is an existing ``out`` without
+    ``overwrite``.
+
+    ``init``: a ``denoised`` checkpoint written by an earlier ``train_denoiser`` (e.g. an
+    ``mse`` one, to start a ``stability`` denoiser from it, as Salman et al. do): the
+    denoiser starts from its denoiser's weights instead of a random initialization. Its
+    denoiser must be this run's (depth, width, clamp, channels) and its smoothing spec
+    (sigma / lambda, q, seed) and noise this run's, else it is refused; its file name and
+    sha256 are recorded in the checkpoint's ``training`` dict (``init``, ``init_sha256``)
+    and the sha256 in the resume state, so a resume with another ``init`` is refused.
+
+    The run holds an exclusive lock on ``out`` (``OUT.lock``, results.OutputLock) from
+    before it looks at ``out`` or the state file to its end: a second run on the same
+    ``out`` fails at once, naming the first. Returns a summary dict (path, spec, seconds,
+    final_loss, model, ...).
     """
     if objective not in OBJECTIVES:
         raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if noise not in NOISES:
         raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
-    out, state_file = _open_out(out, overwrite=overwrite, resume=resume)
+    with _open_out(out, overwrite=overwrite, resume=resume,
+                   what="dssn train-denoiser") as (out, state_file):
+        return _train_denoiser(classifier, out, state_file, objective=objective, noise=noise,
+                               dataset=dataset, sigma=sigma, lam=lam, q=q, seed=seed,
+                               depth=depth, width=width, clamp=clamp, init=init, epochs=epochs,
+                               retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
+                               retrain_lr=retrain_lr, train_seed=train_seed,
+                               max_train=max_train, data_root=data_root, device=device,
+                               progress=progress, resume=resume)
+
+
+def _train_denoiser(classifier, out, state_file, *, objective, noise, dataset, sigma, lam, q,
+                    seed, depth, width, clamp, init, epochs, retrain_epochs, batch_size, lr,
+                    retrain_lr, train_seed, max_train, data_root, device, progress,
+                    resume) -> dict:
+    """train_denoiser's run, under the lock on ``out``."""
     ckpt = read_checkpoint(classifier)
     cspec: SmoothingSpec = ckpt["spec_obj"]
     c_arch, c_kwargs = ckpt["model"]["arch"], ckpt["model"]["kwargs"]
+    if q is not None and q != cspec.q:
+        raise SpecMismatchError(f"--q {q} disagrees with the classifier checkpoint's q={cspec.q}")
     if c_arch == "denoised":
         raise CheckpointError(f"{classifier} holds a denoised model already; give the "
                               "classifier's own checkpoint")
@@ -152,13 +234,21 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
     n = len(ds) if max_train is None else min(len(ds), max_train)
     if n < 1:
         raise DatasetError("no training images (check --max-train)")
+    d_kwargs = {"in_channels": int(ds.input_shape[0]), "depth": int(depth), "width": int(width),
+                "clamp": bool(clamp)}
+    init_weights = None if init is None else _init_weights(init, d_kwargs, spec, noise)
+    init_record = {} if init is None else {"init": str(init), "init_sha256": file_sha256(init)}
 
     frozen = model_from_checkpoint(ckpt, device)   # eval mode
     frozen.requires_grad_(False)
-    d_kwargs = {"in_channels": int(ds.input_shape[0]), "depth": int(depth), "width": int(width),
-                "clamp": bool(clamp)}
     torch.manual_seed(train_seed)
     den = DnCNN(**d_kwargs).to(device)
+    if init_weights is not None:   # the start of the training: the init's weights, all of them
+        try:
+            den.load_state_dict(init_weights)
+        except RuntimeError as exc:
+            raise CheckpointError(f"--init {init}: its denoiser weights do not fit a DnCNN of "
+                                  f"{d_kwargs}: {str(exc).splitlines()[0]}") from None
     new_clf = build_model(c_arch, c_kwargs).to(device) if retrain else None
     opt1 = torch.optim.Adam(den.parameters(), lr=lr)
     sched1 = torch.optim.lr_scheduler.CosineAnnealingLR(opt1, epochs)
@@ -174,8 +264,11 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
                       "denoiser_kwargs": d_kwargs, "spec": spec.to_dict(), "epochs": epochs,
                       "retrain_epochs": retrain_epochs, "batch_size": batch_size, "lr": lr,
                       "retrain_lr": retrain_lr if retrain else None, "train_seed": train_seed,
-                      "num_train": n})
+                      "num_train": n,
+                      # the init's content (a training without --init records none, as before)
+                      **({} if init is None else {"init_sha256": init_record["init_sha256"]})})
     total = epochs + retrain_epochs
+
     def restore(state):
         den.load_state_dict(state["denoiser"])
         opt1.load_state_dict(state["optimizer"])
@@ -236,7 +329,7 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
 
     training = {"kind": "denoiser", "objective": objective, "noise": noise,
                 "classifier": str(classifier), "classifier_sha256": classifier_sha,
-                "classifier_training": ckpt.get("training", {}),
+                "classifier_training": ckpt.get("training", {}), **init_record,
                 "epochs": epochs, "retrain_epochs": retrain_epochs, "batch_size": batch_size,
                 "lr": lr, "retrain_lr": retrain_lr if retrain else None,
                 "train_seed": train_seed, "num_train": n, "final_loss": last_loss,

@@ -611,7 +611,8 @@ def lock_path(out) -> Path:
 
 
 class OutputLock:
-    """An exclusive lock on a result file for one run: ``<out>.lock`` beside it, held with
+    """An exclusive lock on an output for one run (a result file of ``dssn certify``, a
+    checkpoint of ``dssn train`` / ``train-denoiser``): ``<out>.lock`` beside it, held with
     flock(2) on an open descriptor, so the OS releases it when the process ends, crash and
     ``kill -9`` included. A lock file left behind by a dead process is locked by nobody
     and is simply taken over; it names the holder (pid, host, start time) for the one-line

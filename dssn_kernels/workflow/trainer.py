@@ -4,7 +4,8 @@ After every epoch the whole training state (weights, optimizer, scheduler, epoch
 generators) is written atomically beside the output, ``OUT.train-state``; ``resume=True``
 (``dssn train --resume``) continues from it, ending with the very weights an
 uninterrupted run gives (bit for bit on the CPU). The file is removed once the
-checkpoint is written.
+checkpoint is written. A training holds ``OUT.lock`` (results.OutputLock, as ``dssn
+certify`` does) for its whole run: a second training into the same ``out`` fails at once.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .checkpoint import (CheckpointError, SmoothingSpec, build_model, default_mo
                          save_checkpoint)
 from .data import INFO, DatasetError, load_dataset
 from .options import WorkflowError, check_output_path, resolve_device
-from .results import _diff
+from .results import OutputLock, _diff
 
 STATE_FORMAT = "dssn-train-state/1"
 
@@ -114,7 +115,9 @@ def state_path(out) -> Path:
 
 
 def _after_epoch(epoch: int) -> None:
-    """Called after each epoch, once its state is saved (a hook: tests interrupt here)."""
+    """Called after each epoch, once its state is saved (a hook: tests interrupt here).
+    The denoiser's training imports this one: a test patches the name in the module it
+    runs (``trainer._after_epoch`` or ``denoiser._after_epoch``)."""
 
 
 def _check_writable(out: Path) -> None:
@@ -198,11 +201,31 @@ def _resume(state_file: Path, settings: dict, generator: torch.Generator, restor
     return start, seconds_before, last_loss, last_acc
 
 
-def _open_out(out, *, overwrite: bool, resume: bool) -> tuple[Path, Path]:
-    """``(out, state file)`` of a training, refused before it starts where ``out`` exists
-    without ``overwrite``, or an interrupted training waits there without ``resume`` or
-    ``overwrite``, or nothing can be written beside ``out``."""
-    out = check_output_path(out)
+def _make_folders(out: Path) -> list[Path]:
+    """Creates the missing folders of ``out`` (the lock file lives beside it) and returns
+    those it created, outermost first (check_output_path checked the nearest existing
+    one is a writable folder)."""
+    missing, folder = [], out.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:   # made by another run meanwhile: not ours to remove
+            continue
+        except OSError as exc:
+            raise WorkflowError(f"--out {out}: cannot create its folder {folder} "
+                                f"({exc.strerror or exc})") from None
+        created.append(folder)
+    return created
+
+
+def _check_out(out: Path, *, overwrite: bool, resume: bool) -> Path:
+    """The state file of a training into ``out``, refused where ``out`` exists without
+    ``overwrite``, or an interrupted training waits there without ``resume`` or
+    ``overwrite`` (called under the lock: another run may be writing them)."""
     state_file = state_path(out)
     if out.exists() and not overwrite:
         raise WorkflowError(f"{out} exists; nothing was changed: choose another --out, or pass "
@@ -211,8 +234,34 @@ def _open_out(out, *, overwrite: bool, resume: bool) -> tuple[Path, Path]:
         raise WorkflowError(f"{state_file} holds an interrupted training of {out.name}; nothing "
                             "was changed: pass --resume to continue it, or --overwrite to start "
                             "again")
+    return state_file
+
+
+@contextlib.contextmanager
+def _open_out(out, *, overwrite: bool, resume: bool, what: str):
+    """``with _open_out(...) as (out, state file)``: a training's output, held under an
+    exclusive lock for the whole ``with`` (results.OutputLock, ``OUT.lock``, as ``dssn
+    certify`` holds; ``what`` names the command to a second run, which fails at once).
+    Refused first where nothing can be written beside ``out``; the lock is then taken
+    before ``out`` or its state file is looked at, so two runs can never both write them;
+    then the training is refused where ``out`` exists without ``overwrite``, or an
+    interrupted training waits there without ``resume`` or ``overwrite``. On leaving, the
+    lock is released (its file removed) and the missing folders of ``out`` created for it
+    are removed again where the run left nothing in them."""
+    out = check_output_path(out)
     _check_writable(out)
-    return out, state_file
+    created = _make_folders(out)
+    lock = OutputLock(out, what=what)
+    try:
+        lock.acquire()
+        yield out, _check_out(out, overwrite=overwrite, resume=resume)
+    finally:
+        lock.release()
+        for folder in reversed(created):   # a run that wrote nothing leaves no folder
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _finish(out: Path, state_file: Path, model: nn.Module, **checkpoint) -> Path:
@@ -262,155 +311,163 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
     The training state is saved after every epoch to ``state_path(out)``; ``resume``
     continues from it (the options must be the same; without the file training starts
     from epoch 1), and a state file is never started over without ``resume`` or
-    ``overwrite``. Returns a summary dict (path, spec, seconds, ...).
+    ``overwrite``. The run holds an exclusive lock on ``out`` (``OUT.lock``,
+    results.OutputLock) from before it looks at ``out`` or the state file to its end: a
+    second run on the same ``out`` fails at once, naming the first. Returns a summary dict
+    (path, spec, seconds, ...).
     """
-    out, state_file = _open_out(out, overwrite=overwrite, resume=resume)
-    ds = load_dataset(dataset, "train", data_root)
-    info = INFO[dataset]
-    if q is not None and q != ds.q:
-        raise DatasetError(f"--q {q} does not fit {dataset}, whose pixels are k/{ds.q} (q={ds.q})")
-    if sigma is None and lam is None:
-        raise DatasetError("give the noise level: --sigma or --lam")
-    try:
-        spec = SmoothingSpec.create(sigma=sigma, lam=lam, q=ds.q, seed=seed,
-                                    input_shape=ds.input_shape, num_classes=ds.num_classes)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad smoothing parameters: {exc}") from None
-    defaults = TRAIN_DEFAULTS[dataset]
-    arch = arch or info["arch"]
-    epochs = defaults["epochs"] if epochs is None else epochs
-    batch_size = defaults["batch_size"] if batch_size is None else batch_size
-    optimizer = optimizer or defaults["optimizer"]
-    lr = defaults["lr"] if lr is None else lr
-    augment = defaults["augment"] if augment is None else augment
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise WorkflowError(f"need epochs >= 1, batch size >= 1, lr > 0 (got {epochs}, "
-                           f"{batch_size}, {lr})")
-    if optimizer not in ("adam", "sgd"):
-        raise WorkflowError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
-    if noise not in NOISES and noise != "none":   # none: clean images (issue 13)
-        raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}, none")
-    stability = bool(stability)
-    if isinstance(stability_weight, bool) or not isinstance(stability_weight, (int, float)) \
-            or not math.isfinite(stability_weight) or stability_weight < 0:
-        raise WorkflowError(f"--stability-weight must be a number >= 0, got {stability_weight!r}")
-    stability_weight = float(stability_weight)
-    device = resolve_device(device)
-    compile, autocast = _check_precision(compile, autocast, device)
-    kwargs = default_model_kwargs(arch, ds.input_shape, ds.num_classes, info["mean"], info["std"])
+    with _open_out(out, overwrite=overwrite, resume=resume,
+                   what="dssn train") as (out, state_file):
+        ds = load_dataset(dataset, "train", data_root)
+        info = INFO[dataset]
+        if q is not None and q != ds.q:
+            raise DatasetError(f"--q {q} does not fit {dataset}, whose pixels are k/{ds.q} "
+                               f"(q={ds.q})")
+        if sigma is None and lam is None:
+            raise DatasetError("give the noise level: --sigma or --lam")
+        try:
+            spec = SmoothingSpec.create(sigma=sigma, lam=lam, q=ds.q, seed=seed,
+                                        input_shape=ds.input_shape, num_classes=ds.num_classes)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"bad smoothing parameters: {exc}") from None
+        defaults = TRAIN_DEFAULTS[dataset]
+        arch = arch or info["arch"]
+        epochs = defaults["epochs"] if epochs is None else epochs
+        batch_size = defaults["batch_size"] if batch_size is None else batch_size
+        optimizer = optimizer or defaults["optimizer"]
+        lr = defaults["lr"] if lr is None else lr
+        augment = defaults["augment"] if augment is None else augment
+        if epochs < 1 or batch_size < 1 or lr <= 0:
+            raise WorkflowError(f"need epochs >= 1, batch size >= 1, lr > 0 (got {epochs}, "
+                               f"{batch_size}, {lr})")
+        if optimizer not in ("adam", "sgd"):
+            raise WorkflowError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+        if noise not in NOISES and noise != "none":   # none: clean images (issue 13)
+            raise WorkflowError(f"unknown noise {noise!r}; choose one of "
+                                f"{', '.join(NOISES)}, none")
+        stability = bool(stability)
+        if isinstance(stability_weight, bool) or not isinstance(stability_weight, (int, float)) \
+                or not math.isfinite(stability_weight) or stability_weight < 0:
+            raise WorkflowError(f"--stability-weight must be a number >= 0, got "
+                                f"{stability_weight!r}")
+        stability_weight = float(stability_weight)
+        device = resolve_device(device)
+        compile, autocast = _check_precision(compile, autocast, device)
+        kwargs = default_model_kwargs(arch, ds.input_shape, ds.num_classes, info["mean"],
+                                      info["std"])
 
-    n = len(ds) if max_train is None else min(len(ds), max_train)
-    if n < 1:
-        raise DatasetError("no training images (check --max-train)")
-    torch.manual_seed(train_seed)
-    model = build_model(arch, kwargs).to(device)
-    steps_per_epoch = math.ceil(n / batch_size)
-    if optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr,
-                                                    total_steps=epochs * steps_per_epoch)
-        per_step = True
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4,
-                              nesterov=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-        per_step = False
-    g = torch.Generator().manual_seed(train_seed)
-    # what a resumed run must share with the interrupted one (the device may differ)
-    settings = plain({"dataset": ds.identity, "arch": arch, "model_kwargs": kwargs,
-                      "spec": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
-                      "optimizer": optimizer, "lr": lr, "augment": bool(augment),
-                      "train_seed": train_seed, "num_train": n, **_noise_settings(
-                          noise, stability, stability_weight),
-                      **_precision_settings(compile, autocast)})
-    on_cuda = torch.device(device).type == "cuda"
-    # fp16 autocast: gradients scaled against underflow (bf16 has fp32's range: no scaler)
-    scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
-    # the model as trained: compiled (the weights stay ``model``'s: state_dict, optimizer)
-    forward = model if compile is None else torch.compile(model, dynamic=False, **compile)
+        n = len(ds) if max_train is None else min(len(ds), max_train)
+        if n < 1:
+            raise DatasetError("no training images (check --max-train)")
+        torch.manual_seed(train_seed)
+        model = build_model(arch, kwargs).to(device)
+        steps_per_epoch = math.ceil(n / batch_size)
+        if optimizer == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr,
+                                                        total_steps=epochs * steps_per_epoch)
+            per_step = True
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4,
+                                  nesterov=True)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+            per_step = False
+        g = torch.Generator().manual_seed(train_seed)
+        # what a resumed run must share with the interrupted one (the device may differ)
+        settings = plain({"dataset": ds.identity, "arch": arch, "model_kwargs": kwargs,
+                          "spec": spec.to_dict(), "epochs": epochs, "batch_size": batch_size,
+                          "optimizer": optimizer, "lr": lr, "augment": bool(augment),
+                          "train_seed": train_seed, "num_train": n, **_noise_settings(
+                              noise, stability, stability_weight),
+                          **_precision_settings(compile, autocast)})
+        on_cuda = torch.device(device).type == "cuda"
+        # fp16 autocast: gradients scaled against underflow (bf16 has fp32's range: no scaler)
+        scaler = torch.amp.GradScaler("cuda") if autocast == "fp16" else None
+        # the model as trained: compiled (the weights stay ``model``'s: state_dict, optimizer)
+        forward = model if compile is None else torch.compile(model, dynamic=False, **compile)
 
-    def precision():
-        return (torch.autocast(torch.device(device).type, dtype=AUTOCAST[autocast])
-                if autocast is not None else contextlib.nullcontext())
+        def precision():
+            return (torch.autocast(torch.device(device).type, dtype=AUTOCAST[autocast])
+                    if autocast is not None else contextlib.nullcontext())
 
-    def restore(state):
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
+        def restore(state):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if scaler is not None:
+                scaler.load_state_dict(state["scaler"])
 
-    start, seconds_before, last_loss, last_acc = _resume(state_file, settings, g, restore,
-                                                         resume=resume, command="train")
-    loss_fn = nn.CrossEntropyLoss()
-    noise_kwargs = (spec.certify_kwargs() if noise == "dssn"
-                    else {"lam": spec.lam_value, "q": spec.q})
+        start, seconds_before, last_loss, last_acc = _resume(state_file, settings, g, restore,
+                                                             resume=resume, command="train")
+        loss_fn = nn.CrossEntropyLoss()
+        noise_kwargs = (spec.certify_kwargs() if noise == "dssn"
+                        else {"lam": spec.lam_value, "q": spec.q})
 
-    def draw(x, gen):
-        if noise == "none":   # clean training: the pixels k/q (a classifier for train-denoiser)
-            return (x.float() / spec.q).to(device)
-        return training_noise(x, generator=gen, noise=noise, **noise_kwargs).to(device)
+        def draw(x, gen):
+            if noise == "none":   # clean training: the pixels k/q (train-denoiser's classifier)
+                return (x.float() / spec.q).to(device)
+            return training_noise(x, generator=gen, noise=noise, **noise_kwargs).to(device)
 
-    pad = 4 if dataset == "cifar10" else 0
-    t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="train",
-               unit="step", disable=not progress)
-    for epoch in range(start, epochs):
-        order = torch.randperm(len(ds), generator=g)[:n]
-        seen = loss_sum = correct = 0
-        for x, y in _batches(ds, order, batch_size, workers):
-            if augment:
-                x = _augment(x, g, pad)
-            y = y.to(device)
-            with precision():
-                logits = forward(draw(x, g))
-                if stability:
-                    loss = stability_loss(logits, forward(draw(x, g)), y,
-                                          weight=stability_weight)
+        pad = 4 if dataset == "cifar10" else 0
+        t0 = time.perf_counter()
+        model.train()
+        bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="train",
+                   unit="step", disable=not progress)
+        for epoch in range(start, epochs):
+            order = torch.randperm(len(ds), generator=g)[:n]
+            seen = loss_sum = correct = 0
+            for x, y in _batches(ds, order, batch_size, workers):
+                if augment:
+                    x = _augment(x, g, pad)
+                y = y.to(device)
+                with precision():
+                    logits = forward(draw(x, g))
+                    if stability:
+                        loss = stability_loss(logits, forward(draw(x, g)), y,
+                                              weight=stability_weight)
+                    else:
+                        loss = loss_fn(logits, y)
+                opt.zero_grad()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
                 else:
-                    loss = loss_fn(logits, y)
-            opt.zero_grad()
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            if per_step:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                if per_step:
+                    sched.step()
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                bar.update(1)
+            if not per_step:
                 sched.step()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            bar.update(1)
-        if not per_step:
-            sched.step()
-        last_loss, last_acc = loss_sum / seen, correct / seen
-        bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{last_acc:.3f}")
-        _save_state(state_file, {
-            "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
-            "seconds": seconds_before + time.perf_counter() - t0,
-            "last_loss": last_loss, "last_acc": last_acc,
-            "model": _weights(model),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            **({} if scaler is None else {"scaler": scaler.state_dict()}),
-            "rng": _rng_state(g, on_cuda)})
-        _after_epoch(epoch + 1)
-    bar.close()
-    seconds = seconds_before + time.perf_counter() - t0
-    model.eval()
-    import dssn_kernels
+            last_loss, last_acc = loss_sum / seen, correct / seen
+            bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{last_acc:.3f}")
+            _save_state(state_file, {
+                "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
+                "seconds": seconds_before + time.perf_counter() - t0,
+                "last_loss": last_loss, "last_acc": last_acc,
+                "model": _weights(model),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                **({} if scaler is None else {"scaler": scaler.state_dict()}),
+                "rng": _rng_state(g, on_cuda)})
+            _after_epoch(epoch + 1)
+        bar.close()
+        seconds = seconds_before + time.perf_counter() - t0
+        model.eval()
+        import dssn_kernels
 
-    training = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
-                "augment": bool(augment), "train_seed": train_seed, "num_train": n,
-                **_noise_settings(noise, stability, stability_weight),
-                **_precision_settings(compile, autocast),
-                "final_loss": last_loss, "final_noisy_accuracy": last_acc, "seconds": seconds,
-                "device": str(device), "torch": str(torch.__version__),
-                "dssn_kernels": dssn_kernels.__version__}
-    path = _finish(out, state_file, model, arch=arch, model_kwargs=kwargs, spec=spec,
-                   dataset=ds.identity, training=training)
-    return {"path": str(path), "spec": spec, "arch": arch, "seconds": seconds,
-            "final_loss": last_loss, "final_noisy_accuracy": last_acc, "num_train": n,
-            "model": model}
+        training = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+                    "augment": bool(augment), "train_seed": train_seed, "num_train": n,
+                    **_noise_settings(noise, stability, stability_weight),
+                    **_precision_settings(compile, autocast),
+                    "final_loss": last_loss, "final_noisy_accuracy": last_acc, "seconds": seconds,
+                    "device": str(device), "torch": str(torch.__version__),
+                    "dssn_kernels": dssn_kernels.__version__}
+        path = _finish(out, state_file, model, arch=arch, model_kwargs=kwargs, spec=spec,
+                       dataset=ds.identity, training=training)
+        return {"path": str(path), "spec": spec, "arch": arch, "seconds": seconds,
+                "final_loss": last_loss, "final_noisy_accuracy": last_acc, "num_train": n,
+                "model": model}

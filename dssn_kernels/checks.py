@@ -22,6 +22,9 @@ BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
 DEFAULT_BATCH_SIZE = 256
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTOCAST_DTYPES = (None, torch.float16, torch.bfloat16)
+# The training noises by name (noises.py re-exports it): "dssn" (one DSSN variant per
+# image, training.training_noise), "ssn" and "uniform" (noises.ssn_noise, uniform_noise).
+NOISES = ("dssn", "ssn", "uniform")
 
 # Layers whose output depends on the rest of the batch in training mode (and, for batch
 # norm, that update their running statistics when called).
@@ -104,6 +107,13 @@ def check_flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def check_noise(noise) -> str:
+    """A training noise's name: one of NOISES."""
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {', '.join(NOISES)}; got {noise!r}")
+    return noise
 
 
 def check_model_dtype(dtype) -> torch.dtype:

@@ -64,12 +64,16 @@ def check_margin(margin) -> float:
 
 
 def check_batch_size(batch_size) -> int:
-    """The forward batch size: a positive int, DEFAULT_BATCH_SIZE for None."""
+    """The forward batch size as an int: a positive integer (numpy integers accepted),
+    DEFAULT_BATCH_SIZE for None. A bool or any other type is a TypeError (as for q, seed,
+    start and stop), a value below 1 a ValueError."""
     if batch_size is None:
         return DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a positive int, got {type(batch_size).__name__}")
+    if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
+    return int(batch_size)
 
 
 def check_backend_name(backend) -> str:

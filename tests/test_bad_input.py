@@ -289,12 +289,12 @@ def test_bad_batch_size_other_entries(entry, batch_size, exc, match):
     model = Recorder()
     with pytest.raises(exc, match=match):
         run(model, batch_size)
-    if entry != "logit_drift":      # drift checks each setting just before running it
-        assert model.calls == []
-    else:
+    assert model.calls == []
+    if entry == "logit_drift":      # the reference setting too
         with pytest.raises(exc, match=match):
-            dk.logit_drift(Recorder(), good_x(), L=5, reference=dict(batch_size=batch_size),
+            dk.logit_drift(model, good_x(), L=5, reference=dict(batch_size=batch_size),
                            other={})
+        assert model.calls == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, np.int64(4), np.int32(7)])

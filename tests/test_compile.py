@@ -264,8 +264,13 @@ def test_logit_drift_bad_arguments():
         dk.logit_drift(model, x, sigma=0.25, other=dict(batchsize=3))
     with pytest.raises(TypeError, match="other must be a dict"):
         dk.logit_drift(model, x, sigma=0.25, other=torch.bfloat16)
-    with pytest.raises(ValueError, match="autocast"):
-        dk.logit_drift(model, x, sigma=0.25, other=dict(autocast=torch.float64))
+    def never(z):
+        raise AssertionError("the model ran before the bad setting was refused")
+
+    for bad in (dict(autocast=torch.float64), dict(dtype=torch.float64),
+                dict(compile="fastest"), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="autocast|dtype|compile mode|batch_size"):
+            dk.logit_drift(never, x, sigma=0.25, other=bad)    # before the reference runs
     with pytest.raises(TypeError):
         dk.logit_drift(model, x, sigma=0.25)            # other is required
 

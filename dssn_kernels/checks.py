@@ -22,6 +22,9 @@ BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
 DEFAULT_BATCH_SIZE = 256
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTOCAST_DTYPES = (None, torch.float16, torch.bfloat16)
+# The training noises by name (noises.py re-exports it): "dssn" (one DSSN variant per
+# image, training.training_noise), "ssn" and "uniform" (noises.ssn_noise, uniform_noise).
+NOISES = ("dssn", "ssn", "uniform")
 
 # Layers whose output depends on the rest of the batch in training mode (and, for batch
 # norm, that update their running statistics when called).
@@ -61,12 +64,16 @@ def check_margin(margin) -> float:
 
 
 def check_batch_size(batch_size) -> int:
-    """The forward batch size: a positive int, DEFAULT_BATCH_SIZE for None."""
+    """The forward batch size as an int: a positive integer (numpy integers accepted),
+    DEFAULT_BATCH_SIZE for None. A bool or any other type is a TypeError (as for q, seed,
+    start and stop), a value below 1 a ValueError."""
     if batch_size is None:
         return DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a positive int, got {type(batch_size).__name__}")
+    if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
+    return int(batch_size)
 
 
 def check_backend_name(backend) -> str:
@@ -104,6 +111,13 @@ def check_flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def check_noise(noise) -> str:
+    """A training noise's name: one of NOISES."""
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {', '.join(NOISES)}; got {noise!r}")
+    return noise
 
 
 def check_model_dtype(dtype) -> torch.dtype:

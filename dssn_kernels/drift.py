@@ -19,7 +19,7 @@ import torch
 from . import checks
 from .certify import prepare_images
 from .ops import expand_into
-from .pipeline import ModelCall, check_logits, windows
+from .pipeline import ModelCall, VoteRounds, fill_range
 from .spec import check_value_dtype, resolve_num_variants
 
 __all__ = ["LogitDrift", "logit_drift"]
@@ -62,33 +62,34 @@ def _check_setting(name: str, setting) -> dict:
     return dict(setting)
 
 
-def _evaluate(model, levels, split, *, L, q, start, n, shape, backend, setting) -> torch.Tensor:
-    """The logits, as float32 [B * n, K] on the images' device, of variants start..start+n-1
-    of every image under one evaluation setting."""
+def _checked_call(setting: dict, q: int) -> tuple[ModelCall, int]:
+    """(how the model is called, the forward batch size) of one checked setting dict."""
     call = ModelCall.checked(setting.get("dtype", torch.float32),
                              setting.get("channels_last", False), setting.get("autocast"),
                              setting.get("cudnn_benchmark"), setting.get("compile", False))
     check_value_dtype(q, call.dtype)
-    batch_size = checks.check_batch_size(setting.get("batch_size"))
-    B, d = levels.shape
+    return call, checks.check_batch_size(setting.get("batch_size"))
+
+
+def _evaluate(model, levels, split, *, L, q, start, n, shape, backend, call: ModelCall,
+              batch_size: int) -> torch.Tensor:
+    """The logits, as float32 [B * n, K] on the images' device, of variants start..start+n-1
+    of every image under one evaluation (call, batch_size): the rounds of certify
+    (pipeline.VoteRounds, the same workspace, fill, forward and logit checks), the logits
+    kept instead of voted."""
+    B = levels.shape[0]
     total, device = B * n, levels.device
-    rows_max = call.workspace_rows(batch_size, total)
-    alloc = torch.zeros if call.padded else torch.empty
-    workspace = alloc((rows_max, d), dtype=call.dtype, device=device)
+
+    def fill(out, b, t):
+        expand_into(out, levels[b:b + out.shape[0]], split, L, q, start + t, backend)
+
+    rounds = VoteRounds(model, shape=shape, rows_max=call.workspace_rows(batch_size, total),
+                        num_images=B, backend=backend, device=device, call=call)
     out = None
-    with call.session():
-        forward = call.prepare(model, rows=rows_max, shape=shape, device=device)
-        for pos in range(0, total, rows_max):
-            end = min(pos + rows_max, total)
-            rows, row = end - pos, 0
-            for b, n_img, t, count in windows(pos, end, n):
-                expand_into(workspace[row:row + n_img * count].view(n_img, count, d),
-                            levels[b:b + n_img], split, L, q, start + t, backend)
-                row += n_img * count
-            used = rows_max if call.padded else rows
-            logits = call(forward, workspace[:used].view(used, *shape))
-            check_logits(logits, used, None)
-            logits = logits[:rows]
+    with rounds:
+        for pos in range(0, total, rounds.rows_max):
+            end = min(pos + rounds.rows_max, total)
+            logits = rounds.logits(end - pos, fill_range(fill, pos, end, n))
             if out is None:
                 out = torch.empty((total, logits.shape[1]), dtype=torch.float32, device=device)
             elif logits.shape[1] != out.shape[1]:
@@ -124,6 +125,8 @@ def logit_drift(model, x, *, other: dict, reference: dict | None = None, sigma=N
     reference = _check_setting("reference", reference)
     other = _check_setting("other", other)
     q = checks.check_q(q)
+    # both settings are checked before either evaluation runs
+    evaluations = [_checked_call(reference, q), _checked_call(other, q)]
     L = resolve_num_variants(sigma, lam, q, L)
     start, stop = checks.check_variant_range(start, stop, L)
     seed, backend = checks.check_seed(seed), checks.check_backend_name(backend)
@@ -133,8 +136,8 @@ def logit_drift(model, x, *, other: dict, reference: dict | None = None, sigma=N
     if B == 0 or n == 0:
         raise ValueError("logit_drift needs at least one image and one variant")
     kw = dict(L=L, q=q, start=start, n=n, shape=tuple(x.shape[1:]), backend=backend)
-    a = _evaluate(model, levels, split, setting=reference, **kw)
-    b = _evaluate(model, levels, split, setting=other, **kw)
+    a, b = (_evaluate(model, levels, split, call=call, batch_size=batch_size, **kw)
+            for call, batch_size in evaluations)
     if a.shape != b.shape:
         raise ValueError(f"the two evaluations return logits of shapes {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")

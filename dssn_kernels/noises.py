@@ -14,13 +14,15 @@ it was trained on.
   that holds x_i. For lam >= 1/2 this is (1[x_i > s_i] + min(s_i, 1)) / 2 (eq. 7).
 
 ``NOISES`` names the training noises: "dssn" (one DSSN variant per image,
-``training.training_noise``), "ssn" and "uniform".
+``training.training_noise``), "ssn" and "uniform"; it and ``check_noise`` live in
+checks.py with the other argument checks and are imported here for the callers that
+name them from this module.
 """
 from __future__ import annotations
 
 import torch
 
-NOISES = ("dssn", "ssn", "uniform")
+from .checks import NOISES, check_noise
 
 
 def _out_for(x: torch.Tensor, out):
@@ -46,12 +48,6 @@ def ssn_noise(x: torch.Tensor, lam: float, *, generator=None, out=None) -> torch
     upper = torch.clamp(two_lam * c + s, max=1.0)
     lower = torch.clamp(two_lam * (c - 1) + s, min=0.0)
     return torch.mul(upper + lower, 0.5, out=out)
-
-
-def check_noise(noise) -> str:
-    if noise not in NOISES:
-        raise ValueError(f"noise must be one of {', '.join(NOISES)}; got {noise!r}")
-    return noise
 
 
 __all__ = ["NOISES", "check_noise", "ssn_noise", "uniform_noise"]

@@ -4,7 +4,8 @@ fold the argmax votes into int64 counts, repeat. Memory is bounded by the worksp
 whatever the number of inputs per image; images share a forward batch when they have
 few inputs each. ``VoteRounds`` is the body of every such loop (one round: fill,
 forward, check the logits, vote, count NaN rows); ``run_votes`` is the loop over every
-input of every image (certify, the baselines), early exit has its own plan of rounds."""
+input of every image (certify, the baselines), early exit has its own plan of rounds, and
+``logit_drift`` (drift.py) runs the same rounds without the vote (``VoteRounds.logits``)."""
 from __future__ import annotations
 
 import contextlib
@@ -45,6 +46,19 @@ def windows(pos: int, end: int, per_image: int):
             count = min(per_image - t, end - pos)
             yield b, 1, t, count
             pos += count
+
+
+def fill_range(fill, pos: int, end: int, per_image: int):
+    """The round fill (``VoteRounds.round`` / ``logits``) that writes the flat
+    (image, input) range [pos, end) into a block of end - pos rows, window by window
+    (``windows``): ``fill(out, b, t)`` writes inputs t .. t+out.shape[1]-1 of images
+    b .. b+out.shape[0]-1 into ``out`` ([n, count, d], a view of the block)."""
+    def fill_block(block):
+        row, d = 0, block.shape[1]
+        for b, n, t, count in windows(pos, end, per_image):
+            fill(block[row:row + n * count].view(n, count, d), b, t)
+            row += n * count
+    return fill_block
 
 
 # Compiled base models live in the model object itself, in its __dict__ under this name
@@ -215,22 +229,29 @@ class VoteRounds:
     def __exit__(self, *exc):
         return self._stack.__exit__(*exc)
 
-    def round(self, rows: int, fill, *, first: int = 0, row0: int = 0, per_image: int = 1,
-              image_of_row: torch.Tensor | None = None) -> None:
-        """One round of ``rows`` inputs. ``fill(block)`` writes them into ``block``, the
-        first ``rows`` rows of the workspace ([rows, d] of the call's dtype). Row r votes
-        for image first + (row0 + r) // per_image, or, when ``image_of_row`` (LongTensor
-        [rows] on the device) is given, for image image_of_row[r]. Counts stay on the
-        device: no host sync."""
+    def logits(self, rows: int, fill) -> torch.Tensor:
+        """The forward of one round, without the vote: ``fill(block)`` writes ``rows``
+        inputs into ``block``, the first ``rows`` rows of the workspace ([rows, d] of the
+        call's dtype); the model runs on them (on the whole workspace when compiled) and
+        its checked logits of those rows are returned ([rows, K], as the model returned
+        them). ``round`` votes them; ``logit_drift`` keeps them."""
         block = self.workspace[:rows]
         fill(block)
         if self.call.padded:  # the whole workspace, one static shape; padding never votes
             logits = self.call(self.forward, self.workspace.view(self.rows_max, *self.shape))
             check_logits(logits, self.rows_max, self.num_classes)
-            logits = logits[:rows]
-        else:
-            logits = self.call(self.forward, block.view(rows, *self.shape))
-            check_logits(logits, rows, self.num_classes)
+            return logits[:rows]
+        logits = self.call(self.forward, block.view(rows, *self.shape))
+        check_logits(logits, rows, self.num_classes)
+        return logits
+
+    def round(self, rows: int, fill, *, first: int = 0, row0: int = 0, per_image: int = 1,
+              image_of_row: torch.Tensor | None = None) -> None:
+        """One round of ``rows`` inputs: ``logits(rows, fill)``, then the vote. Row r votes
+        for image first + (row0 + r) // per_image, or, when ``image_of_row`` (LongTensor
+        [rows] on the device) is given, for image image_of_row[r]. Counts stay on the
+        device: no host sync."""
+        logits = self.logits(rows, fill)
         if self.counts is None:
             self._allocate(logits.shape[1])
         if image_of_row is None:
@@ -303,16 +324,9 @@ def run_votes(model, fill, *, num_images: int, per_image: int, shape, batch_size
         for pos in tqdm(range(0, total, rows_max), desc=desc, unit="batch",
                         disable=not progress):
             end = min(pos + rows_max, total)
-
-            def fill_round(block, pos=pos, end=end):
-                row = 0
-                for b, n, t, count in windows(pos, end, per_image):
-                    fill(block[row:row + n * count].view(n, count, rounds.d), b, t)
-                    row += n * count
-
             first = pos // per_image
-            rounds.round(end - pos, fill_round, first=first, row0=pos - first * per_image,
-                         per_image=per_image)
+            rounds.round(end - pos, fill_range(fill, pos, end, per_image), first=first,
+                         row0=pos - first * per_image, per_image=per_image)
             if on_cpu:
                 rounds.raise_if_nan((first, (end - 1) // per_image))
     rounds.raise_if_nan()  # devices: one sync at the end, not one per chunk

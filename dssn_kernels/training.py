@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_generator, check_q, check_seed
+from .checks import check_generator, check_noise, check_q, check_seed
 from .inputs import to_levels
-from .noises import check_noise, ssn_noise, uniform_noise
+from .noises import ssn_noise, uniform_noise
 from .ops.expand import cached_value_table, noise_numerator
 from .spec import lam_from_sigma, offsets, resolve_num_variants
 

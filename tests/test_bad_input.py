@@ -252,10 +252,60 @@ def test_triton_backend_unavailable(runner, monkeypatch):
                  r"backend 'triton' is not available on cpu: no CUDA device", backend="triton")
 
 
+BAD_BATCH_SIZES = [  # (value, exception, message)
+    (0, ValueError, r"batch_size must be a positive int, got 0$"),
+    (-1, ValueError, r"batch_size must be a positive int, got -1$"),
+    (np.int64(0), ValueError, r"batch_size must be a positive int, got .*0\)?$"),
+    (2.0, TypeError, r"batch_size must be a positive int, got float$"),
+    (2.5, TypeError, r"batch_size must be a positive int, got float$"),
+    (True, TypeError, r"batch_size must be a positive int, got bool$"),
+    ("8", TypeError, r"batch_size must be a positive int, got str$"),
+    (torch.tensor(8), TypeError, r"batch_size must be a positive int, got Tensor$"),
+]
+bad_batch = pytest.mark.parametrize("batch_size,exc,match", BAD_BATCH_SIZES,
+                                    ids=[repr(v) for v, _, _ in BAD_BATCH_SIZES])
+
+
 @pytest.mark.parametrize("runner", WITH_MODEL, ids=ids)
-@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True, "8"])
-def test_bad_batch_size(runner, batch_size):
-    check_raises(runner, ValueError, r"batch_size must be a positive int", batch_size=batch_size)
+@bad_batch
+def test_bad_batch_size(runner, batch_size, exc, match):
+    """A wrong type is a TypeError naming it (bool too, as for q, seed, start and stop),
+    a value below 1 a ValueError."""
+    check_raises(runner, exc, match, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("entry", ["certify_at", "predict", "logit_drift", "certify_uniform"])
+@bad_batch
+def test_bad_batch_size_other_entries(entry, batch_size, exc, match):
+    """The same refusal from the early-exit entries, logit_drift (in either setting) and
+    the Monte Carlo baselines (one check, checks.check_batch_size)."""
+    from dssn_kernels.workflow.baselines import certify_uniform
+    run = {"certify_at": lambda m, bs: dk.certify_at(m, good_x(), 0.0, L=5, batch_size=bs),
+           "predict": lambda m, bs: dk.predict(m, good_x(), L=5, batch_size=bs),
+           "logit_drift": lambda m, bs: dk.logit_drift(m, good_x(), L=5,
+                                                       other=dict(batch_size=bs)),
+           "certify_uniform": lambda m, bs: certify_uniform(m, good_x(), sigma=0.5, n0=4,
+                                                            n=8, batch_size=bs)}[entry]
+    model = Recorder()
+    with pytest.raises(exc, match=match):
+        run(model, batch_size)
+    assert model.calls == []
+    if entry == "logit_drift":      # the reference setting too
+        with pytest.raises(exc, match=match):
+            dk.logit_drift(model, good_x(), L=5, reference=dict(batch_size=batch_size),
+                           other={})
+        assert model.calls == []
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, np.int64(4), np.int32(7)])
+def test_integer_batch_sizes_are_accepted(batch_size):
+    """numpy integers are batch sizes (as they are q and seeds), read as int: the counts
+    are those of the same int."""
+    a = dk.certify(Recorder(), good_x(), L=5, batch_size=batch_size)
+    b = dk.certify(Recorder(), good_x(), L=5, batch_size=int(batch_size))
+    assert torch.equal(a.counts, b.counts)
+    smooth = dk.DSSN(Recorder(), K, L=5, batch_size=batch_size)
+    assert type(smooth.batch_size) is int and smooth.batch_size == int(batch_size)
 
 
 # --- what the model returns -----------------------------------------------------------

@@ -181,6 +181,66 @@ def test_analyze_hand_made_files_gives_the_known_table(tmp_path, capsys):
     assert "| c.tsv | 0.25 | 220 | 255 | 1 | 100.0% | 0.0% |" in out   # 110/255 < 0.5
 
 
+@pytest.mark.parametrize("failure", ["disk full", "interrupted"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+def test_analyze_out_is_never_half_written(tmp_path, capsys, monkeypatch, failure, existing):
+    """--out goes through a temporary file and a rename (results.write_text_atomic): a
+    write that fails half way (the disk full: a one-line error; an interruption: exit
+    130) leaves the old table intact, or no file, and no temporary file."""
+    import errno
+
+    from dssn_kernels.workflow import results
+
+    a = hand_made(tmp_path / "a.tsv", 0.25, 13, [(0, 0, [13, 0, 0]), (1, 1, [0, 13, 0])])
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    out = folder / "t.md"
+    if existing:
+        out.write_text("the old table\n")
+    real_open = open
+
+    class HalfWay:
+        """A file whose write stops half way through the text and then fails."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            if failure == "disk full":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise KeyboardInterrupt
+
+    def half_way_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return HalfWay(f) if "w" in mode else f
+
+    monkeypatch.setattr(results, "open", half_way_open, raising=False)
+    code, stdout, err = run(["analyze", str(a), "--radii", "0.5", "--out", str(out)], capsys)
+    if failure == "disk full":
+        assert code == 2 and err == (f"dssn analyze: error: cannot write {out}: "
+                                     "No space left on device\n")
+    else:
+        assert code == 130 and "interrupted" in err
+    assert "| a.tsv |" in stdout and "written to" not in stdout     # printed, not written
+    assert sorted(p.name for p in folder.iterdir()) == (["t.md"] if existing else [])
+    if existing:
+        assert out.read_text() == "the old table\n"
+    # without the failure the table replaces the old one
+    monkeypatch.undo()
+    code, stdout, err = run(["analyze", str(a), "--radii", "0.5", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert out.read_text() + f"\nwritten to {out}\n" == stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["t.md"]
+
+
 def test_analyze_never_mixes_data_sets_or_q_in_one_row(tmp_path, capsys):
     # the best-over-sigma row of unlabeled files: one per data set and q
     a = hand_made(tmp_path / "a.tsv", 0.25, 13, [(0, 0, [13, 0, 0]), (1, 1, [0, 13, 0])])

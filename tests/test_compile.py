@@ -218,6 +218,38 @@ def test_logit_drift_measures_a_known_difference():
     assert bool((c7.steps[ok] >= c8.steps[ok]).all())
 
 
+class FirstPixels(torch.nn.Module):
+    """Logits (m_0, m_1): the exact numerators m = 4q x~ of the first two pixels; in a
+    forward batch of 7 rows class 0 is lowered by m_2 / 2 (exact in float32), a drift
+    that differs from variant to variant."""
+
+    def forward(self, x):
+        m = torch.round(x.reshape(x.shape[0], -1).double() * (4 * 255))
+        out = m[:, :2].clone()
+        if x.shape[0] == 7:
+            out[:, 0] -= m[:, 2] / 2
+        return out
+
+
+def test_logit_drift_measures_the_variants_asked_for():
+    """start/stop choose the variants both evaluations run (rounds of 7 rows, all full):
+    the drift per image and the votes that differ are those of variants start..stop-1, by
+    hand from dk.variants."""
+    x = images(2, seed=6)
+    L, start, stop = 14, 3, 10
+    drift = dk.logit_drift(FirstPixels(), x, L=L, start=start, stop=stop,
+                           other=dict(batch_size=7))
+    assert drift.variants == stop - start and drift.num_variants == L
+    m = torch.round(dk.variants(x, L=L, start=start, stop=stop).double() * (4 * 255))
+    m = m.reshape(2, stop - start, -1)
+    shift = m[:, :, 2] / 2
+    assert drift.per_image.tolist() == shift.amax(1).tolist()
+    assert drift.max == shift.max().item()
+    flips = (m[:, :, 0] >= m[:, :, 1]) & (m[:, :, 0] - shift < m[:, :, 1])
+    assert torch.equal(drift.votes_differ, flips.sum(1))
+    assert flips.any()                        # the check is not vacuous
+
+
 def test_logit_drift_eager_against_compiled_and_variant_range():
     model, x = Plain(48, 3, 255), images(2)
     drift = dk.logit_drift(model, x, sigma=0.25, start=10, stop=50,
@@ -232,8 +264,13 @@ def test_logit_drift_bad_arguments():
         dk.logit_drift(model, x, sigma=0.25, other=dict(batchsize=3))
     with pytest.raises(TypeError, match="other must be a dict"):
         dk.logit_drift(model, x, sigma=0.25, other=torch.bfloat16)
-    with pytest.raises(ValueError, match="autocast"):
-        dk.logit_drift(model, x, sigma=0.25, other=dict(autocast=torch.float64))
+    def never(z):
+        raise AssertionError("the model ran before the bad setting was refused")
+
+    for bad in (dict(autocast=torch.float64), dict(dtype=torch.float64),
+                dict(compile="fastest"), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="autocast|dtype|compile mode|batch_size"):
+            dk.logit_drift(never, x, sigma=0.25, other=bad)    # before the reference runs
     with pytest.raises(TypeError):
         dk.logit_drift(model, x, sigma=0.25)            # other is required
 

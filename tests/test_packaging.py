@@ -13,6 +13,7 @@ sees this interpreter's packages (torch, numpy, scipy, tqdm, pip, setuptools) th
 Two builds of the C++ extension, about a minute each on 2 cores, make this the slowest
 test file."""
 import email
+import fnmatch
 import os
 import re
 import shutil
@@ -187,6 +188,53 @@ def test_sdist_holds_the_sources_and_no_build_products(dists, files):
         assert header in names
     stray = sorted(n for n in names if BUILD_PRODUCT.search(n))
     assert not stray, f"build products in the sdist: {stray}"
+
+
+# What a command line names: a path (possibly a glob, as in $(wildcard csrc/*.h)), a bare
+# file name, or a module run with `python -m`.
+PATH_TOKEN = re.compile(r"[\w.\-]+(?:/[\w.*?\-]+)+|\b[\w\-]+\.(?:py|txt|toml|in|md|sh)\b"
+                        r"|\bMakefile\b")
+MODULE_TOKEN = re.compile(r"\s-m\s+([A-Za-z_][\w.]*)")
+
+
+def named_files(text, files):
+    """The files of the checkout that ``text`` names: paths, globs (every file they match)
+    and ``-m`` modules (their .py, or a package's __main__.py). Names that are no file of
+    the checkout (outputs, the venv, other tools' modules) are left out."""
+    files = set(files)
+    found = set()
+    for token in PATH_TOKEN.findall(text):
+        token = token.rstrip(".")
+        if any(c in token for c in "*?"):
+            found |= {f for f in files if fnmatch.fnmatchcase(f, token)}
+        elif token in files:
+            found.add(token)
+    for module in MODULE_TOKEN.findall(text):
+        base = module.rstrip(".").replace(".", "/")
+        found |= {f for f in (base + ".py", base + "/__main__.py") if f in files}
+    return found
+
+
+def test_sdist_holds_what_the_makefile_and_the_readme_run(dists, files):
+    """`make cuda-build-check`, `make gpu-check`, `make demo`, `.ci/run`... work from an
+    unpacked sdist: every file of the checkout that the Makefile or the README names is in
+    it (scripts/ and .ci/run were not), and .ci/run stays executable."""
+    sdist, _ = dists
+    with tarfile.open(sdist) as tar:
+        members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        makefile = named_files(f.read(), files)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = named_files(f.read(), files)
+    # the parse finds what the targets run (so this test cannot pass by finding nothing)
+    assert {"scripts/cuda_build_check.py", "benchmarks/gpu_check.py", "benchmarks/run_all.py",
+            "requirements-dev.txt", "setup.py", "pyproject.toml", "csrc/ops.cpp",
+            "csrc/cuda/vote.cu", "dssn_kernels/workflow/demo.py",
+            "dssn_kernels/workflow/compare_demo.py"} <= makefile, sorted(makefile)
+    assert {".ci/run", "scripts/check_cuda_binding.py"} <= readme, sorted(readme)
+    missing = sorted((makefile | readme) - set(members))
+    assert not missing, f"named by the Makefile or README.md but missing from the sdist: {missing}"
+    assert members[".ci/run"].mode & 0o111, ".ci/run lost its executable bit in the sdist"
 
 
 def test_wheel_holds_every_module_and_no_build_products(dists, files):

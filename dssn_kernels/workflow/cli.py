@@ -372,6 +372,7 @@ def cmd_certify(args) -> int:
 def cmd_analyze(args) -> int:
     from .analysis import analyze, parse_result_arg
     from .options import check_output_path
+    from .results import write_text_atomic
 
     if args.out is not None:
         out = check_output_path(args.out)
@@ -383,7 +384,8 @@ def cmd_analyze(args) -> int:
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
+        # through a temporary file and a rename: never a half-written table
+        write_text_atomic(args.out, text)
         print(f"\nwritten to {args.out}")
     return 0
 

@@ -60,6 +60,7 @@ prediction and radius are checked against its counts as for DSSN rows.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -589,20 +590,34 @@ def merge_rows(sources) -> list[str]:
     return [merged[i][1] for i in sorted(merged)]
 
 
-def write_atomic(path, meta: dict, lines) -> None:
-    """Writes header and ``lines`` to ``path`` through a temporary file and a rename."""
+def write_text_atomic(path, text: str, *, tmp_suffix: str = ".tmp") -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder (PATH +
+    ``tmp_suffix``, flushed to disk) and a rename (os.replace): ``path`` is the old file
+    or the whole new one, never part of it, whatever interrupts the write. The temporary
+    file is removed on any failure (an interruption too); an OSError becomes a
+    ResultsError naming the user's file, not the temporary one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".merge-tmp")
+    tmp = path.with_name(path.name + tmp_suffix)
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(header_line(meta) + column_line(meta) + "\n" + "".join(lines))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:   # name the user's file, not the temporary one
+    except BaseException as exc:
         if tmp.is_file():
-            tmp.unlink()
-        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(exc, OSError):
+            raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def write_atomic(path, meta: dict, lines) -> None:
+    """Writes header and ``lines`` to ``path`` through a temporary file and a rename
+    (write_text_atomic)."""
+    write_text_atomic(path, header_line(meta) + column_line(meta) + "\n" + "".join(lines),
+                      tmp_suffix=".merge-tmp")
 
 
 def lock_path(out) -> Path:

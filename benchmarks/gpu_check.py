@@ -14,11 +14,14 @@ environment and downloads nothing. Steps, each a subprocess with a time limit, i
   torch.cuda.get_device_capability(), CUDA_HOME detected), then a probe of what was
   built (versions, backends, whether the CUDA kernels are registered);
 * ``gpu_tests``: ``pytest -m gpu`` (every kernel test on CUDA tensors, each GPU backend,
-  against the CPU reference), log in logs/pytest_gpu.log;
+  against the CPU reference; 4 pytest-xdist processes where the plugin is installed, so
+  that a fresh machine's Triton compilations run in parallel), log in
+  logs/pytest_gpu.log;
 * ``sanitizer``: ``compute-sanitizer --tool memcheck`` over a small certify (K = 1025
   classes, margin 0 and > 0, a forward batch that is not a multiple of L) on each GPU
   backend, whose counts must equal the ``torch`` backend's on the same device; said so
-  where the tool is missing;
+  (status ``unavailable``, not a failure) where the tool is missing or refuses the
+  machine ("Device not supported", as under gVisor);
 * ``overhead``: benchmarks/overhead.py on WRN-40-2 (random weights) and the small CNN,
   sigma in {0.15, 0.5, 1, 2, 3.5}: certify per backend against the model's forward passes
   alone at the same batch size and against the released-code-style pipeline (``naive``),
@@ -81,6 +84,9 @@ EXACTNESS_TESTS = ("test_expand.py", "test_vote.py", "test_vote_margin.py",
                    "test_expand_clones.py", "test_noise_header.py")
 # The whole run, report included, under 8 minutes (issue 11's bound).
 DEFAULT_BUDGET_S = 450.0
+# compute-sanitizer's own refusal of the device or runtime (a line of its output)
+SANITIZER_REFUSES = re.compile(r"^.*(?:device not supported|not supported on this "
+                               r"(?:device|platform)).*$", re.I | re.M)
 MODES = ("fp32", "tf32", "bf16_channels_last", "fp16_channels_last")
 SUMMARY_RE = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
 
@@ -97,6 +103,7 @@ def plan(dry_run: bool) -> dict:
                 "compiled_sigmas": (0.05,), "compiled_images": {"small": 1},
                 "compiled_repeats": 1, "compile_backend": "eager",
                 "mc_images": 1, "mc_n_timed": {"small": 256}, "mc_repeats": 1,
+                "pytest_workers": {"gpu_tests": 1, "cpu_exactness": 1},
                 "caps": {"build": 60, "gpu_tests": 60, "sanitizer": 60, "overhead": 60,
                          "precision": 60, "compiled": 60, "vs_monte_carlo": 60,
                          "cpu_exactness": 60}}
@@ -109,6 +116,10 @@ def plan(dry_run: bool) -> dict:
             "compiled_repeats": 3, "compile_backend": "inductor",
             "mc_images": 1, "mc_n_timed": {"wrn40-2": 20_000, "small": 100_000},
             "mc_repeats": 3,
+            # pytest-xdist processes where installed: 4 share the GPU (its Triton kernels
+            # compile in parallel), the CPU tests take half the cores
+            "pytest_workers": {"gpu_tests": 4,
+                               "cpu_exactness": max(1, min(8, (os.cpu_count() or 2) // 2))},
             # seconds, per subprocess; the budget cuts them further
             "caps": {"build": 300, "gpu_tests": 180, "sanitizer": 90, "overhead": 120,
                      "precision": 90, "compiled": 240, "vs_monte_carlo": 90,
@@ -396,11 +407,23 @@ def step_build(r: Runner, p: dict, dry: bool, state: dict):
         rec["detail"] = "the CUDA kernels are not registered (the build has no CUDA code)"
 
 
+def pytest_workers(workers: int) -> list[str]:
+    """pytest-xdist's ``-n workers`` where the plugin is installed (the GPU machines have
+    it), so that the Triton JIT compilations of a fresh machine and the CPU tests spread
+    over processes; [] without it, or for fewer than 2 workers."""
+    import importlib.util
+    if workers < 2 or importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(workers)]
+
+
 def step_gpu_tests(r: Runner, p: dict, dry: bool, state: dict):
+    workers = pytest_workers(p["pytest_workers"]["gpu_tests"])
     cmd = [r.python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-           "tests"]
+           *workers, "tests"]
     rec = r.run("gpu_tests", "pytest -m gpu", cmd, p["caps"]["gpu_tests"], "pytest_gpu.log")
     rec["counts"] = pytest_counts(r.log_text(rec))
+    rec["detail"] = f"{workers[1]} pytest-xdist workers" if workers else "one process"
     if rec.get("returncode") == 5:
         rec["status"], rec["detail"] = "failed", "no test selected by -m gpu"
 
@@ -427,6 +450,14 @@ def step_sanitizer(r: Runner, p: dict, dry: bool, state: dict):
         text = r.log_text(rec)
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
         rec["sanitizer_errors"] = int(m.group(1)) if m else None
+        refusal = None if dry or rec["status"] == "ok" else SANITIZER_REFUSES.search(text)
+        if refusal:
+            # the tool, not the target: seen where the machine runs under gVisor
+            rec["status"] = "unavailable"
+            rec["detail"] = (f"compute-sanitizer cannot run on this machine "
+                             f"({refusal.group(0).strip()}): memcheck not run")
+            rec["result"] = None
+            return
         if not dry and rec["status"] == "failed" and m is None:
             rec["status"] = "tool-error"
             rec["detail"] = "compute-sanitizer printed no ERROR SUMMARY: it did not run the " \
@@ -497,8 +528,9 @@ def step_vs_monte_carlo(r: Runner, p: dict, dry: bool, state: dict):
 
 def step_cpu_exactness(r: Runner, p: dict, dry: bool, state: dict):
     files = [f"tests/{f}" for f in EXACTNESS_TESTS if (ROOT / "tests" / f).exists()]
+    workers = [] if dry else pytest_workers(p["pytest_workers"]["cpu_exactness"])
     cmd = [r.python, "-m", "pytest", "-m", "not gpu", "-q", "-rs", "-p", "no:cacheprovider",
-           *files] + (["--collect-only"] if dry else [])
+           *workers, *files] + (["--collect-only"] if dry else [])
     rec = r.run("cpu_exactness", "CPU exactness tests", cmd, p["caps"]["cpu_exactness"],
                 "pytest_cpu_exactness.log")
     rec["counts"] = pytest_counts(r.log_text(rec))

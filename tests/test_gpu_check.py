@@ -168,3 +168,42 @@ def test_sanitizer_step_says_so_without_the_tool(tmp_path, monkeypatch):
                       {"probe": {"backends": ["torch"]}})
     (rec,) = runner.records
     assert rec["status"] == "unavailable" and "not found" in rec["detail"]
+
+
+def test_sanitizer_that_refuses_the_device_is_unavailable_not_failed(tmp_path, monkeypatch):
+    """compute-sanitizer refusing the machine (as under gVisor: 'Device not supported',
+    then the target's first allocation fails) is the tool's limit, said so once, and the
+    other backends are not tried; a target that fails under a working tool stays failed."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text("#!/bin/sh\necho '========= Error: Device not supported. Please refer "
+                    "to the Supported Devices section'\necho '========= ERROR SUMMARY: 1 "
+                    "error'\nexit 97\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gc, "find_sanitizer", lambda: str(fake))
+    runner = gc.Runner(tmp_path / "out", 120, sys.executable)
+    plan = dict(gc.plan(dry_run=True), device="cpu")
+    gc.step_sanitizer(runner, plan, False, {"probe": {"backends": ["torch", "cpp"]}})
+    (rec,) = runner.records
+    assert rec["status"] == "unavailable", rec
+    assert "Device not supported" in rec["detail"] and "memcheck not run" in rec["detail"]
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    fake.write_text("#!/bin/sh\necho '========= Invalid __global__ write of size 4'\n"
+                    "echo '========= ERROR SUMMARY: 1 error'\nexit 97\n")
+    runner = gc.Runner(broken, 120, sys.executable)
+    gc.step_sanitizer(runner, plan, False, {"probe": {"backends": ["torch"]}})
+    (rec,) = runner.records
+    assert rec["status"] == "failed" and rec["detail"] == "1 memcheck error(s)", rec
+
+
+def test_pytest_workers_only_with_xdist(monkeypatch):
+    import importlib.util as iu
+    monkeypatch.setattr(iu, "find_spec", lambda name: object() if name == "xdist" else None)
+    assert gc.pytest_workers(4) == ["-n", "4"]
+    assert gc.pytest_workers(1) == []
+    monkeypatch.setattr(iu, "find_spec", lambda name: None)
+    assert gc.pytest_workers(4) == []
+    plan = gc.plan(dry_run=False)
+    assert plan["pytest_workers"]["gpu_tests"] >= 2
+    assert gc.plan(dry_run=True)["pytest_workers"] == {"gpu_tests": 1, "cpu_exactness": 1}

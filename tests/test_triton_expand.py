@@ -233,14 +233,15 @@ def test_kernel_divides_with_div_rn_only():
     assert "tl.fma" not in code
 
 
-# Compiles the kernel for sm_80 (no GPU needed: triton ships ptxas) in a process without
-# TRITON_INTERPRET, and reports what the PTX divides, fuses and converts with.
+# Compiles the kernel for sm_<argv[1]> (no GPU needed: triton ships ptxas) in a process
+# without TRITON_INTERPRET, and reports what the PTX divides, fuses and converts with.
 _PTX_PROBE = r"""
-import json, re
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dssn_kernels.triton import expand as E
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
 report = {}
 for kind, out_ty in [(0, "*fp32"), (1, "*fp16"), (2, "*i16")]:
     for lev in ("*u8", "*i32"):
@@ -250,7 +251,7 @@ for kind, out_ty in [(0, "*fp32"), (1, "*fp16"), (2, "*i16")]:
         src = ASTSource(fn=E._expand_kernel, signature=sig,
                         constexprs={"BLOCK_T": 4, "BLOCK_D": 1024, "OUT_KIND": kind})
         # default options, fp fusion included: the kernel must not need it disabled
-        ptx = triton.compile(src, target=GPUTarget("cuda", 80, 32),
+        ptx = triton.compile(src, target=target,
                              options={"num_warps": 8}).asm["ptx"]
         report[f"{kind}{lev}"] = sorted(set(re.findall(r"\b(?:div|rcp|fma|mad|cvt)\.[\w.]+", ptx)))
 # every int argument equal to 1 (Triton specializes those into constexprs)
@@ -260,16 +261,18 @@ sig.update({k: "constexpr" for k in ones} | {"BLOCK_T": "constexpr", "BLOCK_D": 
                                              "OUT_KIND": "constexpr"})
 triton.compile(ASTSource(fn=E._expand_kernel, signature=sig,
                          constexprs=ones | {"BLOCK_T": 1, "BLOCK_D": 1, "OUT_KIND": 0}),
-               target=GPUTarget("cuda", 80, 32), options={"num_warps": 1})
+               target=target, options={"num_warps": 1})
 print(json.dumps(report))
 """
 
 
-def test_sm80_ptx_uses_ieee_division_and_no_float_fma():
-    """What the interpreter cannot show: the GPU code divides with div.rn.f32 (not
-    div.full/approx or a reciprocal), has no float fma/mad, and converts to float16 with
-    cvt.rn; and the kernel compiles when Triton specializes int arguments equal to 1."""
-    report = run_compile_process(_PTX_PROBE)
+@pytest.mark.parametrize("capability", [80, 90], ids=["sm80", "sm90"])
+def test_ptx_uses_ieee_division_and_no_float_fma(capability):
+    """What the interpreter cannot show: the GPU code (sm_80, and sm_90 for the
+    H100/H200) divides with div.rn.f32 (not div.full/approx or a reciprocal), has no float
+    fma/mad, and converts to float16 with cvt.rn; and the kernel compiles when Triton
+    specializes int arguments equal to 1."""
+    report = run_compile_process(_PTX_PROBE, str(capability))
     assert len(report) == 6
     for key, ops in report.items():
         assert "div.rn.f32" in ops, (key, ops)

@@ -142,13 +142,14 @@ def test_rejects_bad_arguments(bad):
         vote_triton(counts, nan_rows, logits, row0, rpi)
 
 
-# Compiles the kernel for sm_80 (no GPU needed: triton ships ptxas) in a process without
-# TRITON_INTERPRET: every logits dtype, and every int argument equal to 1 (Triton
-# specializes those into constexprs, which the interpreter never does).
-def test_compiles_for_sm80_with_integer_atomics():
+# Compiles the kernel for sm_80 and sm_90 (the H100/H200; no GPU needed: triton ships
+# ptxas) in a process without TRITON_INTERPRET: every logits dtype, and every int argument
+# equal to 1 (Triton specializes those into constexprs, which the interpreter never does).
+@pytest.mark.parametrize("capability", [80, 90], ids=["sm80", "sm90"])
+def test_compiles_to_ptx_with_integer_atomics(capability):
     report = run_ptx_probe("vote", "_vote_kernel",
                            {"counts_ptr": "*i64", "nan_ptr": "*i64", "logits_ptr": None},
-                           ATOMICS, ones_too=True)
+                           ATOMICS, ones_too=True, capability=capability)
     assert len(report) == 4
     for dtype, ops in report.items():
         assert ops and all(op.endswith("add.u64") for op in ops), (dtype, ops)

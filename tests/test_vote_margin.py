@@ -234,15 +234,16 @@ def test_random_ties_match_reference(data, K, R, dtype, tau):
             assert torch.equal(a, b), backend
 
 
-# Compiles the margin kernel for sm_80 (no GPU needed: triton ships ptxas) in a process
-# without TRITON_INTERPRET, fp-fusion on: every logits dtype; votes are integer atomics
-# and the exact float64 gap test has no fused multiply-add.
-def test_margin_kernel_compiles_for_sm80_with_integer_atomics_and_no_fma():
+# Compiles the margin kernel for sm_80 and sm_90 (no GPU needed: triton ships ptxas) in a
+# process without TRITON_INTERPRET, fp-fusion on: every logits dtype; votes are integer
+# atomics and the exact float64 gap test has no fused multiply-add.
+@pytest.mark.parametrize("capability", [80, 90], ids=["sm80", "sm90"])
+def test_margin_kernel_compiles_to_ptx_with_integer_atomics_and_no_fma(capability):
     report = run_ptx_probe("vote_margin", "_vote_margin_kernel",
                            {"counts_ptr": "*i64", "amb_ptr": "*i64", "nan_ptr": "*i64",
                             "logits_ptr": None, "tau_ptr": "*fp64"},
                            {"atomics": ATOMICS, "fma": r"\bfma\.[\w.]+"},
-                           force_fp_fusion=True)
+                           force_fp_fusion=True, capability=capability)
     assert len(report) == 4
     for dtype, found in report.items():
         assert found["atomics"] and all(op.endswith("add.u64") for op in found["atomics"]), \

@@ -1,7 +1,7 @@
-"""Shared plumbing of the sm_80 PTX-compile tests (tests/test_triton_vote.py,
+"""Shared plumbing of the PTX-compile tests (sm_80 and sm_90) (tests/test_triton_vote.py,
 tests/test_vote_margin.py; tests/test_triton_expand.py runs its own probe script through
 run_compile_process): compiles a Triton kernel of dssn_kernels.triton ahead of time
-for sm_80 (no GPU needed: triton ships ptxas), for every logits dtype, in a fresh process
+for sm_80 or sm_90 (no GPU needed: triton ships ptxas), for every logits dtype, in a fresh process
 without TRITON_INTERPRET, and reports which PTX instructions of given kinds it holds.
 The calling test is skipped where this triton cannot compile ahead of time.
 """
@@ -21,8 +21,9 @@ CONSTEXPRS = ["BLOCK_R", "BLOCK_K", "K_BLOCKS", "IS_FP64"]
 ATOMICS = r"\b(?:atom|red)\.[\w.]+"
 
 
-def ptx_report(module, kernel, pointers, patterns, ones_too=False):
-    """Runs in the probe process. Compiles dssn_kernels.triton.<module>.<kernel> for sm_80
+def ptx_report(module, kernel, pointers, patterns, ones_too=False, capability=80):
+    """Runs in the probe process. Compiles dssn_kernels.triton.<module>.<kernel> for
+    sm_<capability> (80: the A100 and up; 90: the H100/H200)
     (arguments: ``pointers``, name -> type with None for the logits' type, then INTS, i32,
     then CONSTEXPRS) once per logits type (BLOCK_R=4, BLOCK_K=1024, K_BLOCKS=2, 8 warps); reports per
     type the sorted distinct PTX matches of ``patterns`` (a regex: a list; a dict of
@@ -36,7 +37,7 @@ def ptx_report(module, kernel, pointers, patterns, ones_too=False):
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"dssn_kernels.triton.{module}"), kernel)
-    target = GPUTarget("cuda", 80, 32)
+    target = GPUTarget("cuda", capability, 32)
 
     def found(pattern, ptx):
         return sorted(set(re.findall(pattern, ptx)))
@@ -85,9 +86,9 @@ def run_compile_process(code, *argv, force_fp_fusion=False):
 
 
 def run_ptx_probe(module, kernel, pointers, patterns, *, ones_too=False,
-                  force_fp_fusion=False):
+                  force_fp_fusion=False, capability=80):
     """ptx_report(...) run in a compile process (run_compile_process)."""
     code = ("import json, sys; import triton_ptx; "
             "print(json.dumps(triton_ptx.ptx_report(*json.loads(sys.argv[1]))))")
-    spec = json.dumps([module, kernel, pointers, patterns, ones_too])
+    spec = json.dumps([module, kernel, pointers, patterns, ones_too, capability])
     return run_compile_process(code, spec, force_fp_fusion=force_fp_fusion)

@@ -146,3 +146,20 @@ def test_denoiser_trained_on_the_device_certifies_on_the_cpu(tmp_path, capsys, m
     code, text, err = run(["certify", str(out), "--out", str(tsv), "--max", "8",
                            "--no-progress", "--device", "cpu"], capsys)
     assert code == 0 and "certified 8 images" in text, err
+
+
+@pytest.mark.parametrize("device", [gpu_param("cuda", id="cuda")])
+def test_fp16_training_resumes_with_its_gradient_scaler(tmp_path, capsys, monkeypatch, device):
+    """--autocast fp16 (CUDA only: refused on the CPU) trains with a gradient scaler whose
+    state the training state carries; interrupted and resumed, the run finishes and
+    records fp16."""
+    out = tmp_path / "fp16.pt"
+    opts = TRAIN + ["--device", device, "--autocast", "fp16"]
+    monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch(1))
+    code, _, err = run(["train", "--out", str(out)] + opts, capsys)
+    assert code == 130, err
+    assert "scaler" in torch.load(state_path(out), weights_only=True)
+    monkeypatch.undo()
+    code, _, err = run(["train", "--out", str(out), "--resume"] + opts, capsys)
+    assert code == 0, err
+    assert saved(out, "training")["autocast"] == "fp16"

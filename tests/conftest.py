@@ -70,7 +70,7 @@ CUDA_BACKENDS = _expected("DSSN_EXPECT_CUDA_BACKENDS",
                           ["torch", "cuda"] + (["triton"] if TRITON_GPU or not HAS_CUDA else []),
                           KNOWN_CUDA)
 
-NO_CUDA_REASON = "no CUDA device (torch.cuda.is_available() is False): GPU kernel test skipped"
+NO_CUDA_REASON = "no CUDA device (torch.cuda.is_available() is False): GPU test skipped"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 
 

@@ -93,7 +93,7 @@ def _add_train_denoiser_parser(sub, datasets):
         "checkpoint that dssn certify / analyze / plot use like any other. Objectives: mse "
         "(||D(x~) - x||^2), stability (CE(F(D(x~)), argmax F(x))), mse-retrain (an mse "
         "denoiser, then a classifier of the same architecture trained from scratch through it, "
-        "the denoiser fine-tuned with it).")
+        "the denoiser fine-tuned with it). While it runs it holds OUT.lock, as dssn train does.")
     d.add_argument("classifier", help="checkpoint of the classifier (e.g. dssn train --noise none)")
     d.add_argument("--objective", choices=OBJECTIVES, required=True)
     d.add_argument("--out", required=True,
@@ -118,13 +118,17 @@ def _add_train_denoiser_parser(sub, datasets):
                         "earlier train-denoiser, e.g. --objective mse before stability, as "
                         "Salman et al.); its depth, width, clamp, smoothing spec and noise must "
                         "be this run's. Recorded with its sha256: a resume needs the same")
-    d.add_argument("--epochs", type=_positive_int, help="denoiser epochs (default: digits 20)")
+    d.add_argument("--epochs", type=_positive_int,
+                   help="denoiser epochs (default: digits 20, cifar10 90, imagenet 25)")
     d.add_argument("--retrain-epochs", type=_positive_int,
-                   help="mse-retrain: classifier + fine-tuning epochs (default: digits 30)")
+                   help="mse-retrain: classifier + fine-tuning epochs (default: digits 30, "
+                        "cifar10 90, imagenet 30)")
     d.add_argument("--batch-size", type=_positive_int, help="default 64")
     d.add_argument("--lr", type=float, help="denoiser Adam learning rate (default 1e-3)")
-    d.add_argument("--retrain-lr", type=float, help="mse-retrain: classifier learning rate")
-    d.add_argument("--train-seed", type=int, default=0)
+    d.add_argument("--retrain-lr", type=float,
+                   help="mse-retrain: classifier learning rate (default: 2e-3 on digits, else 1e-3)")
+    d.add_argument("--train-seed", type=int, default=0,
+                   help="seed of weight init, shuffling and noise draws (default 0)")
     d.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
     d.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     d.add_argument("--no-progress", action="store_true")
@@ -163,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a base classifier under DSSN training noise",
                        description="Trains a base classifier on one random split-noise variant "
-                       "per sample and step (the same offsets as certification) and saves a "
-                       "checkpoint holding the weights and the smoothing spec.")
+                       "per sample and step (the same offsets as certification; --noise picks "
+                       "another noise) and saves a checkpoint holding the weights and the "
+                       "smoothing spec. --sigma or --lam is required. While it runs it holds "
+                       "OUT.lock: a second training into the same --out stops at once.")
     t.add_argument("--out", required=True,
                    help="checkpoint file to write (e.g. model.pt); an existing file is refused "
                         "unless --overwrite")
@@ -175,11 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted training from OUT.train-state (written after "
                         "every epoch; the same options are required); without that file "
                         "training starts from epoch 1")
-    t.add_argument("--dataset", choices=DATASETS, default="digits")
+    t.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="default digits (bundled with scikit-learn, q = 16)")
     t.add_argument("--data-root", help="local folder of cifar10 / imagenet (nothing is downloaded)")
     t.add_argument("--arch", choices=sorted(a for a in ARCHS if a != "denoised"),
                    help="model (default: small_cnn for digits, wrn40_2 for cifar10, resnet50 for imagenet)")
-    _add_spec_args(t, " (q defaults to the data set's)")
+    _add_spec_args(t, " (--sigma or --lam required; q defaults to the data set's)")
     t.add_argument("--epochs", type=_positive_int, help="default: digits 60, cifar10 120, imagenet 30")
     t.add_argument("--batch-size", type=_positive_int, help="default 64")
     t.add_argument("--lr", type=float, help="default: adam 2e-3 (digits), sgd 0.1")
@@ -211,25 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA only, with a gradient scaler); recorded like --compile")
     t.add_argument("--max-train", type=_positive_int, help="train on the first N shuffled images only")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    t.add_argument("--workers", type=_nonnegative_int, default=0, help="data loader processes (imagenet)")
+    t.add_argument("--workers", type=_nonnegative_int, default=0,
+                   help="data loader processes (imagenet; default 0)")
     t.add_argument("--no-progress", action="store_true")
     _add_threads(t)
 
     _add_train_denoiser_parser(sub, DATASETS)
 
     c = sub.add_parser("certify", help="certify a data split with a checkpoint (resumable, shardable)",
-                       description="Certifies every image of a data split exactly and writes a TSV "
-                       "(idx label predict radius correct time counts; with --margin also num_ambiguous "
-                       "ambiguous). Rerunning the same command "
-                       "resumes; a file of another checkpoint, spec, split or margin is refused. Under "
+                       description="Certifies the images of a data split (--skip/--max) exactly "
+                       "with DSSN, or by Monte Carlo with --method ssn|uniform, and writes a TSV "
+                       "(idx label predict radius correct time counts; with --margin also "
+                       "num_ambiguous ambiguous; Monte Carlo also selection). Rerunning the same "
+                       "command resumes; a file of another checkpoint, spec, split, selection, "
+                       "margin, method or evaluation setting is refused. While it runs it holds "
+                       "OUT.lock: a second certify of the same --out stops at once. Under "
                        "torchrun the images are split over the ranks and rank 0 merges the rows.")
-    c.add_argument("checkpoint", help="checkpoint written by `dssn train`")
+    c.add_argument("checkpoint", help="checkpoint written by `dssn train` or `dssn train-denoiser`")
     c.add_argument("--out", required=True, help="result TSV (appended to / resumed)")
     c.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
     c.add_argument("--data-root", help="local folder of cifar10 / imagenet")
-    c.add_argument("--split", choices=SPLITS, default="test")
+    c.add_argument("--split", choices=SPLITS, default="test", help="default test")
     c.add_argument("--skip", type=_positive_int, default=1,
-                   help="certify every SKIP-th image (Cohen et al.'s --skip)")
+                   help="certify every SKIP-th image (Cohen et al.'s --skip; default 1)")
     c.add_argument("--max", "--max-index", type=_max_index, default=-1, dest="max_index",
                    help="stop before image index MAX (Cohen et al.'s --max; -1: all). Under "
                         "torchrun spell it --max-index: torchrun's own parser rejects --max as "
@@ -238,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive_int, help="model forward batch (default 256)")
     c.add_argument("--images-per-batch", type=_positive_int,
                    help="images certified (and written) per step (default: what fills a forward batch)")
-    c.add_argument("--backend", default="auto", help="auto, cpp, torch, ...")
+    c.add_argument("--backend", default="auto",
+                   help="auto (default), cpp, torch, triton or cuda")
     c.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     c.add_argument("--dist-backend", choices=("gloo", "nccl"),
                    help="torch.distributed backend under torchrun (default: nccl on GPU, gloo on CPU)")
@@ -261,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "covers both evaluations)")
     c.add_argument("--method", choices=("dssn", "ssn", "uniform"),
                    help="dssn (exact), or the Monte Carlo certificates of independent SSN (ssn) "
-                        "or uniform noise (Yang et al.); default: the checkpoint's training noise")
+                        "or uniform noise (Yang et al.); default: the checkpoint's training noise "
+                        "(dssn for a classifier trained with --noise none)")
     c.add_argument("--n0", type=_positive_int, help="Monte Carlo selection draws (default 64)")
     c.add_argument("--n", "--N", type=_positive_int, dest="n",
                    help="Monte Carlo estimation draws (default 100000; under torchrun write --N, "
@@ -278,13 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "LABEL=PATH is grouped under LABEL (one table row per label).")
     a.add_argument("files", nargs="+", metavar="[LABEL=]FILE")
     a.add_argument("--radii", type=_radius, nargs="+",
-                   help="L1 radii, [0, 1] scale (default: 0.5 .. 4.0 for q=255, else 8 up to the max)")
+                   help="L1 radii, [0, 1] scale (default: 0.5 .. 4.0 for q=255, else 8 evenly "
+                        "spaced radii up to the largest any file can certify)")
     a.add_argument("--decimals", type=_nonnegative_int, default=1,
-                   help="decimals of the percentages")
-    a.add_argument("--out", help="also write the markdown to this file (not one of FILE)")
+                   help="decimals of the percentages (default 1)")
+    a.add_argument("--out", help="also write the markdown to this file (not one of FILE; "
+                                 "written atomically, missing folders created)")
     _add_threads(a)
 
-    pl = sub.add_parser("plot", help="plots (PNG): accuracy-radius curves, noise pictures")
+    pl = sub.add_parser("plot", help="plots (PNG, or PDF, SVG, ... by --out's suffix): "
+                                     "accuracy-radius curves, noise pictures")
     _add_threads(pl)
     psub = pl.add_subparsers(dest="plot", metavar="KIND", required=True)
     pc = psub.add_parser("curves", help="certified accuracy against radius, one line per file")
@@ -295,20 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     pn = psub.add_parser("noise", help="images under DSSN noise next to uniform additive noise "
                                        "(the paper's Figure 3)")
     pn.add_argument("--out", required=True, help="image file: .png (or .pdf, .svg, ...)")
-    pn.add_argument("--dataset", choices=DATASETS, default="digits")
-    pn.add_argument("--data-root")
-    pn.add_argument("--split", choices=SPLITS, default="test")
-    pn.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
+    pn.add_argument("--dataset", choices=DATASETS, default="digits", help="default digits")
+    pn.add_argument("--data-root", help="local folder of cifar10 / imagenet")
+    pn.add_argument("--split", choices=SPLITS, default="test", help="default test")
+    pn.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3],
+                    help="images of the split to show (default 0 1 2 3)")
     pn.add_argument("--sigma", type=float, default=3.5, help="default 3.5, as in Figure 3")
-    pn.add_argument("--seed", type=int, default=0, help="split-offset seed")
-    pn.add_argument("--noise-seed", type=int, default=0, help="seed of the variant / noise draws")
+    pn.add_argument("--seed", type=int, default=0, help="split-offset seed (default 0)")
+    pn.add_argument("--noise-seed", type=int, default=0,
+                    help="seed of the variant / noise draws (default 0)")
     _add_threads(pn)
 
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py)",
                        description="Runs benchmarks/run_all.py with this python: DSSN vs "
                        "100k-sample Monte Carlo (Figure 6), overhead over the model's forward "
                        "passes, the naive released-code-style pipeline, peak memory against L, "
-                       "and micro-benchmarks of the ops; JSON, markdown and PNG reports. "
+                       "micro-benchmarks of the ops and early exit; JSON, markdown and PNG reports. "
                        "Arguments after -- go to run_all.py as they are.")
     b.add_argument("--quick", action="store_true", help="a short smoke run (under a minute)")
     b.add_argument("--out", help="report folder (default benchmarks/results)")
@@ -317,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model of the Monte Carlo comparison (default: small on a CPU, "
                         "wrn40-2 on a GPU)")
     b.add_argument("--only", nargs="+", metavar="STEP",
-                   help="vs_monte_carlo, overhead, overhead_large, micro_ops")
+                   help="vs_monte_carlo, overhead, overhead_large, micro_ops, early_exit, "
+                        "precision (default: all but precision)")
     _add_threads(b)
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p

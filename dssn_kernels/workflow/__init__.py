@@ -24,7 +24,7 @@ imports this package.
 | ``distributed`` | torchrun ranks |
 | ``baselines`` | Monte Carlo certification (uniform noise, independent SSN) |
 | ``demo`` | the main job on digits |
-| ``denoise_demo`` | denoisers against DSSN training on digits (issue 13) |
+| ``denoise_demo`` | denoisers against DSSN training on digits (the paper's Appendix D) |
 | ``compare_demo`` | the paper's comparison in small on digits: three noises, standard and stability training |
 """
 from .certify_data import certify_dataset, results_meta

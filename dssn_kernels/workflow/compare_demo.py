@@ -2,11 +2,11 @@
 for each sigma, small CNNs trained under the three noises (DSSN, independent SSN,
 uniform), each with standard and with stability training, each certified by its own
 method: DSSN exactly on every held-out image, the two Monte Carlo methods (n0 = 64,
-alpha = 0.001) on a subset and with a small n, so that the run stays a few minutes on
-2 CPU cores. Prints the Table 1 layout (one row per method and training, best over
+alpha = 0.001) on a subset and with a small n, so that the run stays about a minute on
+2 idle CPU cores. Prints the Table 1 layout (one row per method and training, best over
 sigma), the time per image of each method, and writes the curves.
 
-    python -m dssn_kernels.workflow.compare_demo            # a few minutes on 2 cores
+    python -m dssn_kernels.workflow.compare_demo            # about a minute on 2 idle cores
     python -m dssn_kernels.workflow.compare_demo --quick    # smoke run
 
 The command lines of a full CIFAR-10 reproduction are printed at the end.
@@ -52,9 +52,12 @@ def parse_args(argv=None):
                    help="held-out images certified by Monte Carlo (default 50; --quick: 4)")
     p.add_argument("--n", type=int, default=None,
                    help="Monte Carlo estimation draws (default 1000; --quick: 50; the paper 100000)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: one sigma, one epoch, few images, small n")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="folder for checkpoints, result files, table and plots "
+                        "(default runs/compare)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     a = p.parse_args(argv)
     a.sigmas = a.sigmas or ([0.5] if a.quick else [0.25, 0.5])
     a.epochs = a.epochs or (1 if a.quick else 10)

@@ -1,5 +1,5 @@
-"""Denoised smoothing on digits (issue 13; the DSSN paper's Appendix D after Salman et al.
-2020): certify a classifier trained on clean images without retraining it, and compare.
+"""Denoised smoothing on digits (the DSSN paper's Appendix D after Salman et al. 2020):
+certify a classifier trained on clean images without retraining it, and compare.
 
     python -m dssn_kernels.workflow.denoise_demo               # a few minutes on 2 CPU cores
     python -m dssn_kernels.workflow.denoise_demo --threads 1   # on a busy machine
@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m dssn_kernels.workflow.denoise_demo",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS))
+    p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS),
+                   help="noise levels (default 0.5 1)")
     p.add_argument("--epochs", type=int, default=None,
                    help="classifier epochs (default 60, 2 with --quick)")
     p.add_argument("--denoiser-epochs", type=int, default=None,
@@ -63,7 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--radii", type=float, nargs="+", default=None,
                    help="L1 radii, [0, 1] scale (default: analyze's)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, 50 test images")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="folder for checkpoints, result files and table "
+                        "(default runs/denoise-demo)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     p.add_argument("--seed", type=int, default=0, help="train seed of every model")
     args = p.parse_args(argv)

@@ -14,9 +14,10 @@ environment and downloads nothing. Steps, each a subprocess with a time limit, i
   torch.cuda.get_device_capability(), CUDA_HOME detected), then a probe of what was
   built (versions, backends, whether the CUDA kernels are registered);
 * ``gpu_tests``: ``pytest -m gpu`` (every kernel test on CUDA tensors, each GPU backend,
-  against the CPU reference; 4 pytest-xdist processes where the plugin is installed, so
-  that a fresh machine's Triton compilations run in parallel), log in
-  logs/pytest_gpu.log;
+  against the CPU reference, and the cuda cases of tests/test_workflow_devices.py: train,
+  resume, certify, Monte Carlo and train-denoiser on the GPU; 4 pytest-xdist processes
+  where the plugin is installed, so that a fresh machine's Triton compilations run in
+  parallel), log in logs/pytest_gpu.log;
 * ``sanitizer``: ``compute-sanitizer --tool memcheck`` over a small certify (K = 1025
   classes, margin 0 and > 0, a forward batch that is not a multiple of L) on each GPU
   backend, whose counts must equal the ``torch`` backend's on the same device; said so
@@ -721,7 +722,8 @@ def markdown(result: dict, p: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check",
+                    help="report folder (default benchmarks/results/gpu_check)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU device, tiny sizes, small CNN only, no build, no sanitizer")
     ap.add_argument("--budget", type=float, default=None,

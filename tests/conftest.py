@@ -93,7 +93,8 @@ def device_backends(cpu=True, cuda=True, exclude=()):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "gpu: runs kernels on CUDA tensors (each expected CUDA backend) and checks "
-                   "them against the CPU reference; skipped without a CUDA device")
+                   "them against the CPU reference, or the dssn workflow on a CUDA device "
+                   "(tests/test_workflow_devices.py); skipped without a CUDA device")
 
 
 def pytest_report_header(config):

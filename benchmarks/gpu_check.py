@@ -22,7 +22,7 @@ environment and downloads nothing. Steps, each a subprocess with a time limit, i
   classes, margin 0 and > 0, a forward batch that is not a multiple of L) on each GPU
   backend, whose counts must equal the ``torch`` backend's on the same device; said so
   (status ``unavailable``, not a failure) where the tool is missing or refuses the
-  machine ("Device not supported", as under gVisor);
+  machine ("Device not supported", as in gVisor sandboxes);
 * ``overhead``: benchmarks/overhead.py on WRN-40-2 (random weights) and the small CNN,
   sigma in {0.15, 0.5, 1, 2, 3.5}: certify per backend against the model's forward passes
   alone at the same batch size and against the released-code-style pipeline (``naive``),
@@ -453,7 +453,7 @@ def step_sanitizer(r: Runner, p: dict, dry: bool, state: dict):
         rec["sanitizer_errors"] = int(m.group(1)) if m else None
         refusal = None if dry or rec["status"] == "ok" else SANITIZER_REFUSES.search(text)
         if refusal:
-            # the tool, not the target: seen where the machine runs under gVisor
+            # the tool, not the target: compute-sanitizer refuses GPUs in gVisor sandboxes
             rec["status"] = "unavailable"
             rec["detail"] = (f"compute-sanitizer cannot run on this machine "
                              f"({refusal.group(0).strip()}): memcheck not run")

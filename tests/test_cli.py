@@ -220,7 +220,7 @@ def test_analyze_out_is_never_half_written(tmp_path, capsys, monkeypatch, failur
 
     def half_way_open(path, mode="r", *args, **kwargs):
         f = real_open(path, mode, *args, **kwargs)
-        return HalfWay(f) if "w" in mode else f
+        return HalfWay(f) if "w" in mode or "x" in mode else f
 
     monkeypatch.setattr(results, "open", half_way_open, raising=False)
     code, stdout, err = run(["analyze", str(a), "--radii", "0.5", "--out", str(out)], capsys)
@@ -419,3 +419,21 @@ def test_imagenet_folder_reader(tmp_path):
     resized = np.asarray(img.resize((256, int(256 * 500 / 224)), Image.BILINEAR))
     top = int(round((resized.shape[0] - 224) / 2))
     assert np.array_equal(direct.numpy().transpose(1, 2, 0), resized[top:top + 224, 16:240])
+
+
+def test_analyze_out_never_touches_a_file_named_like_a_temporary(tmp_path, capsys):
+    """The temporary file of --out is a new, unique one: an input named OUT.tmp (the name a
+    fixed temporary would take) or OUT.merge-tmp is read, kept and never overwritten."""
+    out = tmp_path / "t.md"
+    inputs = []
+    for suffix in (".tmp", ".merge-tmp"):
+        path = tmp_path / f"t.md{suffix}"
+        hand_made(path, 0.25, 13, [(0, 0, [13, 0, 0]), (1, 1, [0, 13, 0])])
+        inputs.append((path, path.read_bytes()))
+    code, stdout, err = run(["analyze", *(str(p) for p, _ in inputs), "--radii", "0.5",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    assert out.read_text().count("| t.md.") == 2
+    for path, before in inputs:
+        assert path.read_bytes() == before, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md", "t.md.merge-tmp", "t.md.tmp"]

@@ -161,7 +161,9 @@ CASES = {
     # options out of range
     "analyze-decimals": (["analyze", "r.tsv", "--decimals", "-2"], ["--decimals", ">= 0", "-2"]),
     "analyze-radius-nan": (["analyze", "r.tsv", "--radii", "0.5", "nan"],
-                           ["--radii", "must be a finite radius, got nan"]),
+                           ["--radii", "must be a finite radius >= 0, got nan"]),
+    "analyze-radius-negative": (["analyze", "r.tsv", "--radii", "-1"],
+                                ["--radii", "must be a finite radius >= 0, got -1"]),
     "train-workers": (["train", "--sigma", "0.5", "--out", "new.pt", "--workers", "-1"],
                       ["--workers", ">= 0", "-1"]),
     "plot-format": (["plot", "curves", "r.tsv", "--out", "c.txt"],

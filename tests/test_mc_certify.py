@@ -115,7 +115,10 @@ def test_option_refusals(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "m.pt")
     out = tmp_path / "r.tsv"
     code, _, err = run(["certify", str(ckpt), "--out", str(out), "--n", "10"], capsys)
-    assert code != 0 and "Monte Carlo" in err
+    assert code != 0 and "--n applies to the Monte Carlo methods" in err
+    code, _, err = run(["certify", str(ckpt), "--out", str(out), "--n", "10", "--n0", "4"],
+                       capsys)
+    assert code != 0 and "--n0 --n apply to the Monte Carlo methods" in err
     code, _, err = run(["certify", str(ckpt), "--out", str(out), "--method", "ssn",
                         "--alpha", "0.7"], capsys)
     assert code != 0 and "--alpha" in err

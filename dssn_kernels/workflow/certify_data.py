@@ -42,7 +42,8 @@ def _monte_carlo(method, n0, n, alpha, noise_seed, margin) -> dict | None:
     given = {k: v for k, v in (("n0", n0), ("n", n), ("alpha", alpha)) if v is not None}
     if method == "dssn":
         if given:
-            raise WorkflowError(f"--{' --'.join(given)} apply to the Monte Carlo methods (--method "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise WorkflowError(f"--{' --'.join(given)} {verb} to the Monte Carlo methods (--method "
                                 "ssn or uniform); DSSN certificates are exact")
         return None
     if margin:

@@ -60,8 +60,8 @@ def _max_index(text):
 
 def _radius(text):
     v = float(text)
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite radius, got {text}")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite radius >= 0, got {text}")
     return v
 
 

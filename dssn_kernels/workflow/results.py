@@ -65,6 +65,7 @@ import errno
 import json
 import math
 import os
+import secrets
 import socket
 import sys
 import time
@@ -591,21 +592,32 @@ def merge_rows(sources) -> list[str]:
 
 
 def write_text_atomic(path, text: str, *, tmp_suffix: str = ".tmp") -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder (PATH +
-    ``tmp_suffix``, flushed to disk) and a rename (os.replace): ``path`` is the old file
-    or the whole new one, never part of it, whatever interrupts the write. The temporary
-    file is removed on any failure (an interruption too); an OSError becomes a
-    ResultsError naming the user's file, not the temporary one."""
+    """Writes ``text`` to ``path`` through a temporary file in the same folder and a rename
+    (os.replace): ``path`` is the old file or the whole new one, never part of it, whatever
+    interrupts the write. The temporary file is new (created exclusively, named
+    ``.NAME.<pid>.<random>`` + ``tmp_suffix``, flushed to disk), so it never replaces or
+    removes another file, another run's temporary file included; it is removed on any
+    failure (an interruption too). An OSError becomes a ResultsError naming the user's
+    file, not the temporary one."""
     path = Path(path)
-    tmp = path.with_name(path.name + tmp_suffix)
+    tmp = None
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for _ in range(100):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{tmp_suffix}")
+            try:
+                f = open(tmp, "x", encoding="utf-8", newline="\n")
+                break
+            except FileExistsError:
+                tmp = None
+        else:
+            raise FileExistsError(errno.EEXIST, "no free temporary file name")
+        with f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if tmp.is_file():
+        if tmp is not None and tmp.is_file():
             with contextlib.suppress(OSError):
                 tmp.unlink()
         if isinstance(exc, OSError):

@@ -382,9 +382,26 @@ def precision_worker(args) -> dict:
 
 # --- the steps ---------------------------------------------------------------------------
 
+def build_command(python: str) -> list[str]:
+    """The build of step ``build``: an editable install of the tree (run in the repository
+    root) with ``python``, against its torch, no dependency, no index. Also what
+    scripts/gpu_stack_check.py runs, so that its rehearsal builds as the GPU run does."""
+    return [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+            "-e", "."]
+
+
+def build_env(arch: str, home: str | None, jobs: int, base: dict | None = None) -> dict:
+    """The build's environment: ``base`` (default os.environ) with TORCH_CUDA_ARCH_LIST,
+    MAX_JOBS and, when a toolkit was found, CUDA_HOME."""
+    env = dict(os.environ if base is None else base, TORCH_CUDA_ARCH_LIST=arch,
+               MAX_JOBS=str(jobs))
+    if home:
+        env["CUDA_HOME"] = home
+    return env
+
+
 def step_build(r: Runner, p: dict, dry: bool, state: dict):
-    cmd = [r.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
-           "-e", "."]
+    cmd = build_command(r.python)
     if dry:
         r.note("build", "build", "dry-run", "not run on the CPU: " + " ".join(cmd[1:]))
     else:
@@ -392,9 +409,7 @@ def step_build(r: Runner, p: dict, dry: bool, state: dict):
         major, minor = torch.cuda.get_device_capability()
         arch = f"{major}.{minor}"
         home = cuda_home()
-        env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 4))
-        if home:
-            env["CUDA_HOME"] = home
+        env = build_env(arch, home, os.cpu_count() or 4)
         rec = r.run("build", "build", cmd, p["caps"]["build"], "build.log", env=env)
         rec["detail"] = f"TORCH_CUDA_ARCH_LIST={arch}, CUDA_HOME={home or 'not found'}"
         state["arch"] = arch

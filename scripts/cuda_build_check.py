@@ -29,6 +29,7 @@ A lock file in the cache serializes concurrent runs. Stdlib only: runs with any 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import html.parser
 import os
@@ -176,9 +177,9 @@ def make_venv(venv, wheel, log):
 # ---------------------------------------------------------------------------------------
 # 3. The copy and the build.
 
-def source_files():
-    """Relative paths of the sources the build needs: what git tracks plus untracked files
-    it does not ignore (so uncommitted work is built too), or a walk without git."""
+def repo_files():
+    """Relative paths of the tree's files: what git tracks plus untracked files it does not
+    ignore (so uncommitted work is included), or a walk without git."""
     try:
         out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                               "--exclude-standard"], cwd=ROOT, capture_output=True,
@@ -191,9 +192,12 @@ def source_files():
                            and d not in ("build", "__pycache__") and not d.endswith(".egg-info")]
             paths += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames
                       if not f.endswith((".so", ".pyc"))]
-    return sorted(p for p in set(paths)
-                  if (p.startswith(COPY_PREFIXES) or p in COPY_FILES)
-                  and os.path.isfile(os.path.join(ROOT, p)))
+    return sorted(p for p in set(paths) if os.path.isfile(os.path.join(ROOT, p)))
+
+
+def source_files():
+    """Relative paths of the sources the build needs (and the check script)."""
+    return [p for p in repo_files() if p.startswith(COPY_PREFIXES) or p in COPY_FILES]
 
 
 def same_content(a, b):
@@ -203,12 +207,12 @@ def same_content(a, b):
         return fa.read() == fb.read()
 
 
-def sync_copy(dest):
-    """Mirror source_files() into dest: copies a file only when its content changed (an
-    unchanged file keeps its copy's time stamp, so ninja does not recompile it, even from a
-    fresh clone whose files are all new) and drops files that left the tree; dest's build/
-    folder and built extension stay."""
-    wanted = source_files()
+def sync_copy(dest, wanted=None):
+    """Mirror ``wanted`` (default source_files()) into dest: copies a file only when its
+    content changed (an unchanged file keeps its copy's time stamp, so ninja does not
+    recompile it, even from a fresh clone whose files are all new) and drops files that
+    left the tree; dest's build/ folder and built extension stay."""
+    wanted = source_files() if wanted is None else wanted
     os.makedirs(dest, exist_ok=True)
     for rel in wanted:
         src, dst = os.path.join(ROOT, rel), os.path.join(dest, rel)
@@ -243,19 +247,41 @@ def cuda_home():
     return None
 
 
-def run(cmd, log, cwd=None, env=None):
-    """Run cmd with its output appended to log; on failure print the log's tail and exit."""
+def run_logged(cmd, log, cwd=None, env=None):
+    """Run cmd with its output appended to log; its exit status."""
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
                               check=False)
-    if proc.returncode != 0:
-        with open(log, encoding="utf-8", errors="replace") as f:
-            tail = f.read()[-6000:]
-        print(tail, file=sys.stderr)
-        say(f"FAILED: {' '.join(cmd[:4])} ... exited {proc.returncode} (log: {log})")
+    return proc.returncode
+
+
+def log_tail(log, chars=6000):
+    with open(log, encoding="utf-8", errors="replace") as f:
+        return f.read()[-chars:]
+
+
+def run(cmd, log, cwd=None, env=None):
+    """Run cmd with its output appended to log; on failure print the log's tail and exit."""
+    rc = run_logged(cmd, log, cwd, env)
+    if rc != 0:
+        print(log_tail(log), file=sys.stderr)
+        say(f"FAILED: {' '.join(cmd[:4])} ... exited {rc} (log: {log})")
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def cache_lock(cache, say=say, what="cuda-build-check"):
+    """Holds <cache>/lock for the block: a concurrent run on the same cache waits."""
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, "lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another {what} using {cache} ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def main(argv=None):
@@ -283,14 +309,8 @@ def main(argv=None):
     cache = os.path.abspath(args.cache)
     venv = os.path.abspath(args.venv or os.path.join(cache, f"venv-torch{TORCH_VERSION}-{tag}"))
     build_dir = os.path.abspath(args.build_dir or os.path.join(cache, "build"))
-    os.makedirs(cache, exist_ok=True)
     os.makedirs(build_dir, exist_ok=True)
-    with open(os.path.join(cache, "lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another cuda-build-check using {cache} ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock(cache):
         return build_and_check(args, wheel, home, venv, build_dir, t0)
 
 

@@ -28,13 +28,13 @@ _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
-def _column_block(row_base, row_ok, k0, K, stride_k, BLOCK_K: tl.constexpr,
+def _column_block(row_base, row_ok, kb, K, stride_k, BLOCK_K: tl.constexpr,
                   IS_FP64: tl.constexpr):
-    """Columns k0 .. k0 + BLOCK_K - 1 of a program's rows (shared with vote_margin):
-    (cols, x: the logits as float32, or float64 for float64 input (both exact), -inf where
-    masked; has_nan: 1 where the row holds a NaN there; block_max; first: the first
-    column holding block_max)."""
-    cols = k0 + tl.arange(0, BLOCK_K)
+    """Column block kb (columns kb * BLOCK_K to kb * BLOCK_K + BLOCK_K - 1) of a program's
+    rows (shared with vote_margin): (cols, x: the logits as float32, or float64 for
+    float64 input (both exact), -inf where masked; has_nan: 1 where the row holds a NaN
+    there; block_max; first: the first column holding block_max)."""
+    cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = row_ok[:, None] & (cols < K)[None, :]
     x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * stride_k, mask=ok, other=0)
     if IS_FP64:
@@ -64,8 +64,7 @@ def _vote_kernel(counts_ptr, nan_ptr, logits_ptr, R, K, stride_r, stride_k, row0
     arg = tl.zeros([BLOCK_R], dtype=tl.int32)       # all -inf rows vote 0, as torch
     nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
     for kb in range(K_BLOCKS):
-        k0 = kb * BLOCK_K
-        cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, k0, K, stride_k,
+        cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, kb, K, stride_k,
                                                            BLOCK_K, IS_FP64)
         nan_seen = tl.maximum(nan_seen, has_nan)
         better = block_max > best                    # strict: earlier blocks win ties

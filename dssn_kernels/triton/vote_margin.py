@@ -57,8 +57,7 @@ def _vote_margin_kernel(counts_ptr, amb_ptr, nan_ptr, logits_ptr, tau_ptr, R, K,
     arg = tl.zeros([BLOCK_R], dtype=tl.int32)
     nan_seen = tl.zeros([BLOCK_R], dtype=tl.int32)
     for kb in range(K_BLOCKS):
-        k0 = kb * BLOCK_K
-        cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, k0, K, stride_k,
+        cols, x, has_nan, block_max, first = _column_block(row_base, row_ok, kb, K, stride_k,
                                                            BLOCK_K, IS_FP64)
         nan_seen = tl.maximum(nan_seen, has_nan)
         block_second = tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), x),

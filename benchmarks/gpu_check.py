@@ -85,9 +85,12 @@ EXACTNESS_TESTS = ("test_expand.py", "test_vote.py", "test_vote_margin.py",
                    "test_expand_clones.py", "test_noise_header.py")
 # The whole run, report included, under 8 minutes (issue 11's bound).
 DEFAULT_BUDGET_S = 450.0
-# compute-sanitizer's own refusal of the device or runtime (a line of its output)
-SANITIZER_REFUSES = re.compile(r"^.*(?:device not supported|not supported on this "
+# compute-sanitizer's own refusal of the device or runtime: a line of the tool's own
+# output (its "=========" prefix), never one the target printed
+SANITIZER_REFUSES = re.compile(r"^=+ .*(?:device not supported|not supported on this "
                                r"(?:device|platform)).*$", re.I | re.M)
+# pytest -rs lines: SKIPPED [count] location: reason
+SKIPPED_RE = re.compile(r"^SKIPPED \[(\d+)\] ([^:\n]+:\d+): (.*)$", re.M)
 MODES = ("fp32", "tf32", "bf16_channels_last", "fp16_channels_last")
 SUMMARY_RE = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
 
@@ -104,7 +107,9 @@ def plan(dry_run: bool) -> dict:
                 "compiled_sigmas": (0.05,), "compiled_images": {"small": 1},
                 "compiled_repeats": 1, "compile_backend": "eager",
                 "mc_images": 1, "mc_n_timed": {"small": 256}, "mc_repeats": 1,
-                "pytest_workers": {"gpu_tests": 1, "cpu_exactness": 1},
+                # 2 for pytest -m gpu where pytest-xdist is installed (gpu-stack-check's
+                # venv): the -n path runs before a GPU does; CI has no xdist (one process)
+                "pytest_workers": {"gpu_tests": 2, "cpu_exactness": 1},
                 "caps": {"build": 60, "gpu_tests": 60, "sanitizer": 60, "overhead": 60,
                          "precision": 60, "compiled": 60, "vs_monte_carlo": 60,
                          "cpu_exactness": 60}}
@@ -438,10 +443,24 @@ def step_gpu_tests(r: Runner, p: dict, dry: bool, state: dict):
     cmd = [r.python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
            *workers, "tests"]
     rec = r.run("gpu_tests", "pytest -m gpu", cmd, p["caps"]["gpu_tests"], "pytest_gpu.log")
-    rec["counts"] = pytest_counts(r.log_text(rec))
+    if rec["status"] == "skipped":          # the budget's reason stays the detail
+        return
+    text = r.log_text(rec)
+    rec["counts"] = pytest_counts(text)
     rec["detail"] = f"{workers[1]} pytest-xdist workers" if workers else "one process"
     if rec.get("returncode") == 5:
         rec["status"], rec["detail"] = "failed", "no test selected by -m gpu"
+    # On a GPU every selected test must run: a skip there (scikit-learn missing, say)
+    # leaves a GPU path unproven. The dry run's skips are the expected "no CUDA device".
+    unexpected = [(int(n), where, why) for n, where, why in SKIPPED_RE.findall(text)
+                  if not (dry and "no CUDA device" in why)]
+    if unexpected:
+        total = sum(n for n, _, _ in unexpected)
+        rec["skipped_unexpectedly"] = [f"{n} x {where}: {why}" for n, where, why in unexpected]
+        rec["detail"] += (f"; {total} GPU test(s) skipped, e.g. {unexpected[0][1]}: "
+                          f"{unexpected[0][2]}")
+        if rec["status"] == "ok":
+            rec["status"] = "failed"
 
 
 def step_sanitizer(r: Runner, p: dict, dry: bool, state: dict):

@@ -206,4 +206,40 @@ def test_pytest_workers_only_with_xdist(monkeypatch):
     assert gc.pytest_workers(4) == []
     plan = gc.plan(dry_run=False)
     assert plan["pytest_workers"]["gpu_tests"] >= 2
-    assert gc.plan(dry_run=True)["pytest_workers"] == {"gpu_tests": 1, "cpu_exactness": 1}
+    assert gc.plan(dry_run=True)["pytest_workers"] == {"gpu_tests": 2, "cpu_exactness": 1}
+
+
+def fake_pytest(tmp_path, output, rc=0):
+    """A stand-in for the python that runs pytest: prints ``output``, exits ``rc``."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {rc}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+@pytest.mark.parametrize("dry,reason,status", [
+    (False, "could not import 'sklearn': No module named 'sklearn'", "failed"),
+    (False, "no CUDA device (torch.cuda.is_available() is False): GPU test skipped", "failed"),
+    (True, "could not import 'sklearn': No module named 'sklearn'", "failed"),
+    (True, "no CUDA device (torch.cuda.is_available() is False): GPU test skipped", "ok"),
+])
+def test_gpu_tests_that_skip_leave_the_step_failed(tmp_path, dry, reason, status):
+    """On a GPU every test pytest -m gpu selects must run: a skip (a missing package, say)
+    fails the step, naming it; only the dry run's 'no CUDA device' skips are expected."""
+    python = fake_pytest(tmp_path, f"....s\nSKIPPED [6] tests/test_workflow_devices.py:20: "
+                                   f"{reason}\n4 passed, 6 skipped in 1.0s")
+    runner = gc.Runner(tmp_path / "out", 120, python)
+    gc.step_gpu_tests(runner, gc.plan(dry_run=dry), dry, {})
+    (rec,) = runner.records
+    assert rec["status"] == status, rec
+    assert rec["counts"] == {"passed": 4, "skipped": 6}
+    if status == "failed":
+        assert "6 GPU test(s) skipped" in rec["detail"] and reason in rec["detail"]
+        assert rec["skipped_unexpectedly"] == [f"6 x tests/test_workflow_devices.py:20: {reason}"]
+
+
+def test_gpu_tests_skipped_by_the_budget_keep_the_budget_as_reason(tmp_path):
+    runner = gc.Runner(tmp_path / "out", 5, sys.executable)    # under the 10 s minimum
+    gc.step_gpu_tests(runner, gc.plan(dry_run=False), False, {})
+    (rec,) = runner.records
+    assert rec["status"] == "skipped" and rec["detail"].startswith("time budget"), rec

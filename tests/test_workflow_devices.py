@@ -40,6 +40,11 @@ def rows(path):
             (ln.split("\t") for ln in path.read_text().splitlines()[2:])]
 
 
+def recorded(into):
+    """An ``_after_epoch`` hook that records the epochs a (resumed) training runs."""
+    return into.append
+
+
 def assert_same_weights(a, b):
     wa, wb = saved(a, "state_dict"), saved(b, "state_dict")
     assert wa.keys() == wb.keys()
@@ -70,9 +75,11 @@ def test_train_on_the_device_resumes_after_an_interruption(tmp_path, capsys, mon
     code, _, err = run(["train", "--out", str(part)] + opts, capsys)
     assert code == 130 and "--resume" in err, err
     assert saved(state_path(part), "epoch") == 1
-    monkeypatch.undo()
+    epochs = []
+    monkeypatch.setattr(trainer, "_after_epoch", recorded(epochs))
     code, _, err = run(["train", "--out", str(part), "--resume"] + opts, capsys)
     assert code == 0, err
+    assert epochs == [2, 3]            # continued after epoch 1, not started again
     assert not state_path(part).exists()
     if device == "cpu":
         assert_same_weights(part, full)
@@ -101,10 +108,12 @@ def test_certify_on_the_device_gives_the_same_rows_for_every_backend(tmp_path, c
         assert got == ref, backend
     # interrupted in the third batch, then resumed: the same rows
     part = tmp_path / "part.tsv"
-    monkeypatch.setattr(certify_data, "certify", interrupted_on_call(certify_data.certify, 3))
+    real = certify_data.certify
+    monkeypatch.setattr(certify_data, "certify", interrupted_on_call(real, 3))
     code, _, err = run(["certify", str(trained), "--out", str(part)] + common, capsys)
     assert code == 130, err
-    monkeypatch.undo()
+    assert len(read_results(part).rows) == 8          # two whole batches were saved
+    monkeypatch.setattr(certify_data, "certify", real)
     code, _, err = run(["certify", str(trained), "--out", str(part)] + common, capsys)
     assert code == 0, err
     assert rows(part) == ref
@@ -119,10 +128,12 @@ def test_monte_carlo_on_the_device_resumes_to_the_same_rows(tmp_path, capsys, mo
     full, part = tmp_path / "full.tsv", tmp_path / "part.tsv"
     code, _, err = run(["certify", str(trained), "--out", str(full)] + common, capsys)
     assert code == 0, err
-    monkeypatch.setattr(certify_data, "_mc_rows", interrupted_on_call(certify_data._mc_rows, 4))
+    real = certify_data._mc_rows
+    monkeypatch.setattr(certify_data, "_mc_rows", interrupted_on_call(real, 4))
     code, _, err = run(["certify", str(trained), "--out", str(part)] + common, capsys)
     assert code == 130, err
-    monkeypatch.undo()
+    assert len(read_results(part).rows) == 3
+    monkeypatch.setattr(certify_data, "_mc_rows", real)
     code, _, err = run(["certify", str(trained), "--out", str(part)] + common, capsys)
     assert code == 0, err
     assert rows(part) == rows(full)
@@ -138,10 +149,12 @@ def test_denoiser_trained_on_the_device_certifies_on_the_cpu(tmp_path, capsys, m
     monkeypatch.setattr(denoiser, "_after_epoch", interrupt_after_epoch(1))
     code, _, err = run(["train-denoiser", str(trained), "--out", str(out)] + opts, capsys)
     assert code == 130, err
-    monkeypatch.undo()
+    epochs = []
+    monkeypatch.setattr(denoiser, "_after_epoch", recorded(epochs))
     code, _, err = run(["train-denoiser", str(trained), "--out", str(out), "--resume"] + opts,
                        capsys)
     assert code == 0, err
+    assert epochs == [2]
     tsv = tmp_path / "den.tsv"
     code, text, err = run(["certify", str(out), "--out", str(tsv), "--max", "8",
                            "--no-progress", "--device", "cpu"], capsys)
@@ -151,15 +164,26 @@ def test_denoiser_trained_on_the_device_certifies_on_the_cpu(tmp_path, capsys, m
 @pytest.mark.parametrize("device", [gpu_param("cuda", id="cuda")])
 def test_fp16_training_resumes_with_its_gradient_scaler(tmp_path, capsys, monkeypatch, device):
     """--autocast fp16 (CUDA only: refused on the CPU) trains with a gradient scaler whose
-    state the training state carries; interrupted and resumed, the run finishes and
-    records fp16."""
+    state the training state carries; interrupted and resumed, the scaler restarts from
+    the saved state and the run continues after epoch 1 and records fp16."""
     out = tmp_path / "fp16.pt"
     opts = TRAIN + ["--device", device, "--autocast", "fp16"]
     monkeypatch.setattr(trainer, "_after_epoch", interrupt_after_epoch(1))
     code, _, err = run(["train", "--out", str(out)] + opts, capsys)
     assert code == 130, err
-    assert "scaler" in torch.load(state_path(out), weights_only=True)
-    monkeypatch.undo()
+    saved_scaler = torch.load(state_path(out), weights_only=True)["scaler"]
+    loaded, epochs = [], []
+    real_load = torch.amp.GradScaler.load_state_dict
+
+    def spy(self, state):
+        loaded.append(dict(state))
+        return real_load(self, state)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", spy)
+    monkeypatch.setattr(trainer, "_after_epoch", recorded(epochs))
     code, _, err = run(["train", "--out", str(out), "--resume"] + opts, capsys)
     assert code == 0, err
+    assert len(loaded) == 1 and loaded[0]["scale"] == saved_scaler["scale"]
+    assert loaded[0]["_growth_tracker"] == saved_scaler["_growth_tracker"]
+    assert epochs == [2, 3]
     assert saved(out, "training")["autocast"] == "fp16"

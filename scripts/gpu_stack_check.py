@@ -14,7 +14,8 @@ that triton 3.9 passed.
    running this script: ``torch==--torch`` from the package index (a download of several
    GB; one line says so first), then requirements-dev.txt without its torch, triton and
    setuptools lines (torch decides triton; requirements-dev's setuptools is newer than
-   torch 2.11 allows), then the setuptools that torch's metadata requires (torch 2.11:
+   torch 2.11 allows) plus pytest-xdist (GPU_MACHINE_EXTRAS: the GPU machines have it and
+   gpu_check.py's -n workers use it), then the setuptools that torch's metadata requires (torch 2.11:
    ``setuptools<82``), upgraded to the newest it allows. A marker file written last names
    the torch version; the venv is reused only when the marker matches and a probe imports
    torch of that version (a CUDA build), triton, pytest, hypothesis and the rest, and is
@@ -68,8 +69,11 @@ ARCH = "9.0"                  # the H200 (sm_90)
 # The lines of requirements-dev.txt left out of the venv: torch is --torch, and torch's
 # own pins decide triton and the setuptools range.
 DROPPED_REQUIREMENTS = ("torch", "triton", "setuptools")
+# Beyond requirements-dev.txt, what the GPU machines have and gpu_check.py uses there:
+# pytest-xdist (its -n workers; the dry run asks for 2 where it is installed).
+GPU_MACHINE_EXTRAS = ("pytest-xdist",)
 PROBE_MODULES = ("torch", "triton", "numpy", "scipy", "pytest", "hypothesis", "sklearn",
-                 "matplotlib", "ninja", "setuptools", "build")
+                 "matplotlib", "ninja", "setuptools", "build", "xdist")
 DEFAULT_PYTEST_ARGS = "-q -p no:cacheprovider"
 MARKER = ".dssn-gpu-stack-check"
 
@@ -169,7 +173,7 @@ def make_venv(venv, version, cache, log):
         kept, _ = filter_requirements(f.read())
     reqs = os.path.join(cache, "requirements-gpu-stack.txt")
     with open(reqs, "w", encoding="utf-8") as f:
-        f.write("\n".join(kept) + "\n")
+        f.write("\n".join(list(kept) + list(GPU_MACHINE_EXTRAS)) + "\n")
     for cmd in ([sys.executable, "-m", "venv", venv],
                 # --no-compile: no .pyc for torch's thousands of files up front
                 [py, "-m", "pip", "install", "-q", "--no-compile", f"torch=={version}"],

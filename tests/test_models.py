@@ -166,3 +166,37 @@ def test_spec_agreement():
     lam_spec = SmoothingSpec.create(lam=0.75, q=16, input_shape=(1, 8, 8), num_classes=10)
     assert lam_spec.L == 24 and lam_spec.to_dict()["lam"] == 0.75
     lam_spec.check_agrees(lam=0.75, sigma=0.75 * 3 ** -0.5)
+
+
+def test_checkpoint_writes_replace_atomically_and_read_hashes_what_it_loads(tmp_path,
+                                                                             monkeypatch):
+    """save_checkpoint writes through a new, unique temporary file: a user's file named
+    like a fixed temporary (m.pt.tmp) is never touched, an interrupted save leaves the old
+    checkpoint whole and no temporary file; read_checkpoint's sha256 is the digest of the
+    very bytes it loaded."""
+    import hashlib
+
+    from dssn_kernels.workflow import checkpoint as ckpt_mod
+
+    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8, "width": 4, "hidden": 8}
+    model = build_model("small_cnn", kwargs).eval()
+    save = lambda: save_checkpoint(tmp_path / "m.pt", model, arch="small_cnn",  # noqa: E731
+                                   model_kwargs=kwargs, spec=_spec(), dataset={"name": "digits"})
+    users = tmp_path / "m.pt.tmp"
+    users.write_bytes(b"the user's own file")
+    save()
+    first = (tmp_path / "m.pt").read_bytes()
+    assert users.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.tmp"]
+    ckpt = read_checkpoint(tmp_path / "m.pt")
+    assert ckpt["sha256"] == hashlib.sha256(first).hexdigest()
+
+    def interrupted(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save()
+    assert (tmp_path / "m.pt").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.tmp"]

@@ -108,3 +108,28 @@ def test_resume_refusals_and_overwrite(tmp_path, capsys, monkeypatch):
         assert code == 2 and "exists" in err and "--overwrite" in err, err
         assert snapshot(target) == kept and not state_path(target).exists()
     assert snapshot(out) == before
+
+
+def test_training_state_written_through_a_unique_temporary(tmp_path, monkeypatch):
+    """OUT.train-state is replaced atomically through a new temporary file: a user's file
+    named OUT.train-state.tmp is never touched; a failed write names the state file, keeps
+    the last state and leaves no temporary file."""
+    from dssn_kernels.workflow.options import WorkflowError
+
+    state = tmp_path / "m.pt.train-state"
+    users = tmp_path / "m.pt.train-state.tmp"
+    users.write_bytes(b"mine")
+    trainer._save_state(state, {"format": trainer.STATE_FORMAT, "epoch": 1})
+    assert users.read_bytes() == b"mine"
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+
+    def full_disk(obj, f):
+        f.write(b"part")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.torch, "save", full_disk)
+    with pytest.raises(WorkflowError, match=f"cannot write the training state {state}: No space"):
+        trainer._save_state(state, {"format": trainer.STATE_FORMAT, "epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state.name, users.name]

@@ -14,7 +14,7 @@ from ..backends import resolve_backend
 from ..certify import certify
 from ..checks import check_autocast, check_compile, check_margin
 from ..spec import lam_from_sigma
-from .checkpoint import SmoothingSpec, file_sha256, model_from_checkpoint, read_checkpoint
+from .checkpoint import SmoothingSpec, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
 from .distributed import Context
 from .options import USER_ERRORS, WorkflowError, check_output_path, resolve_device
@@ -185,7 +185,7 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                             f"{len(ds)} images (-1 selects all)" if len(ds) else
                             f"{ds_name} {split} has no images")
     stop = len(ds) if max_index is None or max_index < 0 else min(len(ds), max_index)
-    meta = results_meta(file_sha256(checkpoint), spec, ds.identity, margin,
+    meta = results_meta(ckpt["sha256"], spec, ds.identity, margin,
                         selection(skip, stop), method, monte_carlo, evaluation)
     if training.get("stability") or training.get("noise", "dssn") != "dssn":
         # the model's training, for analyze's rows (DSSN-trained headers are unchanged)

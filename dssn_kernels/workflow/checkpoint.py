@@ -17,8 +17,8 @@ weights_only=True)`` reads it (no pickled code runs)::
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .results import replaced_atomically
 from .models import DnCNN, SmallCNN, denoised, normalized, resnet50, wrn40_2
 from ..checks import check_seed
 from ..spec import lam_from_sigma, num_variants, sigma_from_lam
@@ -236,21 +237,26 @@ def save_checkpoint(path, model: torch.nn.Module, *, arch: str, model_kwargs: di
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path, "wb") as f:
+        torch.save(ckpt, f)
     return path
 
 
 def read_checkpoint(path) -> dict:
-    """The checkpoint dict, loaded with ``weights_only=True`` and checked."""
+    """The checkpoint dict, loaded with ``weights_only=True`` and checked; its ``sha256``
+    entry is the digest of the bytes loaded (one read of the file: a file replaced while
+    it is read cannot give one file's weights and another's digest)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file {path}")
     try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
         with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": not ours to show
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (any unreadable file: say which and why)
         # never torch's advice (weights_only=False, add_safe_globals): that would run the
         # file's pickled code; a dssn checkpoint is plain data and weights
@@ -273,6 +279,7 @@ def read_checkpoint(path) -> dict:
         ckpt["spec_obj"] = SmoothingSpec.from_dict(ckpt["spec"])
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    ckpt["sha256"] = hashlib.sha256(data).hexdigest()
     return ckpt
 
 

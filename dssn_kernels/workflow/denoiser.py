@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..noises import NOISES
 from ..training import training_noise
 from .checkpoint import (CheckpointError, SmoothingSpec, SpecMismatchError, build_model,
-                         file_sha256, model_from_checkpoint, plain, read_checkpoint)
+                         model_from_checkpoint, plain, read_checkpoint)
 from .data import DatasetError, load_dataset
 from .models import DnCNN, denoised
 from .options import WorkflowError, resolve_device
@@ -98,12 +98,12 @@ def objective_loss(objective: str, denoiser: nn.Module, classifier: nn.Module,
     raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
-def _init_weights(init, d_kwargs: dict, spec: SmoothingSpec, noise: str) -> dict:
-    """The denoiser weights (``denoiser.*`` without the prefix) of the ``denoised``
+def _init_weights(init, d_kwargs: dict, spec: SmoothingSpec, noise: str) -> tuple[dict, str]:
+    """(the denoiser weights (``denoiser.*`` without the prefix) of the ``denoised``
     checkpoint ``init`` (written by an earlier ``train_denoiser``), refused unless its
     denoiser is this run's (DnCNN of the same ``d_kwargs``: channels, depth, width,
     clamp) and it was trained for this run's smoothing (sigma / lambda, q, seed: the
-    spec's L) and training noise."""
+    spec's L) and training noise, the sha256 of the file read)."""
     try:
         ckpt = read_checkpoint(init)
     except CheckpointError as exc:
@@ -134,8 +134,8 @@ def _init_weights(init, d_kwargs: dict, spec: SmoothingSpec, noise: str) -> dict
                                 f"({'; '.join(diffs)}); nothing was changed: give the "
                                 "--sigma/--lam, --seed and --noise of its training, or "
                                 "another --init")
-    return {k[len("denoiser."):]: v for k, v in ckpt["state_dict"].items()
-            if k.startswith("denoiser.")}
+    return ({k[len("denoiser."):]: v for k, v in ckpt["state_dict"].items()
+             if k.startswith("denoiser.")}, ckpt["sha256"])
 
 
 def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dssn",
@@ -236,8 +236,10 @@ def _train_denoiser(classifier, out, state_file, *, objective, noise, dataset, s
         raise DatasetError("no training images (check --max-train)")
     d_kwargs = {"in_channels": int(ds.input_shape[0]), "depth": int(depth), "width": int(width),
                 "clamp": bool(clamp)}
-    init_weights = None if init is None else _init_weights(init, d_kwargs, spec, noise)
-    init_record = {} if init is None else {"init": str(init), "init_sha256": file_sha256(init)}
+    init_weights, init_record = None, {}
+    if init is not None:
+        init_weights, init_sha = _init_weights(init, d_kwargs, spec, noise)
+        init_record = {"init": str(init), "init_sha256": init_sha}
 
     frozen = model_from_checkpoint(ckpt, device)   # eval mode
     frozen.requires_grad_(False)
@@ -258,7 +260,7 @@ def _train_denoiser(classifier, out, state_file, *, objective, noise, dataset, s
                                  {"params": den.parameters(), "lr": lr}])
         sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, retrain_epochs)
     g = torch.Generator().manual_seed(train_seed)
-    classifier_sha = file_sha256(classifier)
+    classifier_sha = ckpt["sha256"]
     settings = plain({"kind": "denoiser", "classifier_sha256": classifier_sha,
                       "objective": objective, "noise": noise, "dataset": ds.identity,
                       "denoiser_kwargs": d_kwargs, "spec": spec.to_dict(), "epochs": epochs,

@@ -591,38 +591,50 @@ def merge_rows(sources) -> list[str]:
     return [merged[i][1] for i in sorted(merged)]
 
 
-def write_text_atomic(path, text: str, *, tmp_suffix: str = ".tmp") -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder and a rename
-    (os.replace): ``path`` is the old file or the whole new one, never part of it, whatever
-    interrupts the write. The temporary file is new (created exclusively, named
-    ``.NAME.<pid>.<random>`` + ``tmp_suffix``, flushed to disk), so it never replaces or
-    removes another file, another run's temporary file included; it is removed on any
-    failure (an interruption too). An OSError becomes a ResultsError naming the user's
-    file, not the temporary one."""
+@contextlib.contextmanager
+def replaced_atomically(path, mode: str = "w", *, tmp_suffix: str = ".tmp"):
+    """``with replaced_atomically(path, "wb") as f: ...`` writes ``f`` to ``path`` through a
+    temporary file in the same folder and a rename (os.replace): ``path`` is the old file
+    or the whole new one, never part of it, whatever interrupts the write. The temporary
+    file is new (created exclusively, named ``.NAME.<pid>.<random>`` + ``tmp_suffix``,
+    flushed to disk before the rename), so it never replaces or removes another file,
+    another run's temporary file included; it is removed on any failure (an interruption
+    too). Errors (OSError included) propagate unchanged."""
     path = Path(path)
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    text = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
     tmp = None
     try:
         for _ in range(100):
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{tmp_suffix}")
             try:
-                f = open(tmp, "x", encoding="utf-8", newline="\n")
+                f = open(tmp, mode.replace("w", "x"), **text)
                 break
             except FileExistsError:
                 tmp = None
         else:
             raise FileExistsError(errno.EEXIST, "no free temporary file name")
         with f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         if tmp is not None and tmp.is_file():
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        if isinstance(exc, OSError):
-            raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def write_text_atomic(path, text: str, *, tmp_suffix: str = ".tmp") -> None:
+    """Writes ``text`` to ``path`` through replaced_atomically. An OSError becomes a
+    ResultsError naming the user's file, not the temporary one."""
+    try:
+        with replaced_atomically(path, tmp_suffix=tmp_suffix) as f:
+            f.write(text)
+    except OSError as exc:
+        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def write_atomic(path, meta: dict, lines) -> None:

@@ -27,7 +27,7 @@ from .checkpoint import (CheckpointError, SmoothingSpec, build_model, default_mo
                          save_checkpoint)
 from .data import INFO, DatasetError, load_dataset
 from .options import WorkflowError, check_output_path, resolve_device
-from .results import OutputLock, _diff
+from .results import OutputLock, _diff, replaced_atomically
 
 STATE_FORMAT = "dssn-train-state/1"
 
@@ -135,16 +135,11 @@ def _check_writable(out: Path) -> None:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with replaced_atomically(path, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:   # name the user's file, not the temporary one
-        tmp.unlink(missing_ok=True)
         raise WorkflowError(f"cannot write the training state {path}: "
                             f"{exc.strerror or exc}") from None
 

@@ -86,22 +86,26 @@ def check_backend_name(backend) -> str:
 
 def check_num_classes(num_classes, *, required: bool = False) -> int | None:
     """The number of classes K: an int >= 2, or None (K is whatever the model returns)
-    unless ``required``."""
+    unless ``required``. A bool or any other type (None where ``required``) is a
+    TypeError, an int below 2 a ValueError."""
     if num_classes is None and not required:
         return None
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or num_classes < 2:
-        what = "an int >= 2" if required else "None or an int >= 2"
+    what = "an int >= 2" if required else "None or an int >= 2"
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be {what}, got {num_classes!r}")
+    if num_classes < 2:
         raise ValueError(f"num_classes must be {what}, got {num_classes!r}")
     return int(num_classes)
 
 
 def check_chunk_size(chunk_size) -> int | None:
-    """Early exit's variants per look: None (planned) or a positive int."""
+    """Early exit's variants per look: None (planned) or a positive int; a bool or any other
+    type is a TypeError, an int below 1 a ValueError."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
-            or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     return int(chunk_size)
 

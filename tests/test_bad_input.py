@@ -468,23 +468,26 @@ def test_float16_off_grid_is_rejected_where_float16_can_tell(level):
 
 # --- num_classes ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_classes", [1, 0, -2, 3.0, True, "3"])
-def test_bad_num_classes(num_classes):
+@pytest.mark.parametrize("num_classes,exc", [(1, ValueError), (0, ValueError),
+                                             (-2, ValueError), (3.0, TypeError),
+                                             (True, TypeError), ("3", TypeError)])
+def test_bad_num_classes(num_classes, exc):
     """Refused before the model runs (by certify too, which once compared it with the
-    model's K only after a forward), and by DSSN at construction."""
-    check_raises(run_certify, ValueError, r"num_classes must be None or an int >= 2",
+    model's K only after a forward), and by DSSN at construction: a wrong type is a
+    TypeError, an int below 2 a ValueError."""
+    check_raises(run_certify, exc, r"num_classes must be None or an int >= 2",
                  num_classes=num_classes)
     for entry in (dk.predict, lambda m, x, **kw: dk.certify_at(m, x, 0.0, **kw)):
         model = Recorder()
-        with pytest.raises(ValueError, match=r"num_classes must be None or an int >= 2"):
+        with pytest.raises(exc, match=r"num_classes must be None or an int >= 2"):
             entry(model, good_x(), L=5, num_classes=num_classes)
         assert model.calls == []
-    with pytest.raises(ValueError, match=r"num_classes must be an int >= 2"):
+    with pytest.raises(exc, match=r"num_classes must be an int >= 2"):
         dk.DSSN(Recorder(), num_classes, L=5)
 
 
 def test_dssn_needs_num_classes():
-    with pytest.raises(ValueError, match=r"num_classes must be an int >= 2, got None"):
+    with pytest.raises(TypeError, match=r"num_classes must be an int >= 2, got None"):
         dk.DSSN(Recorder(), None, L=5)
 
 

@@ -1,7 +1,7 @@
 # make demo   sets everything up (.venv, CPU torch, the C++ extension) and runs the main
 #             job on digits: the DSSN workflow, then the paper's comparison in small (DSSN,
 #             independent SSN and uniform noise, standard and stability training, the Table 1
-#             layout); under a minute on 2 cores
+#             layout); about a minute on 2 cores
 # make compare-demo   the comparison alone
 # make denoise-demo   denoised smoothing of a clean classifier (the paper's Appendix D; minutes)
 # make test   sets everything up and runs the test suite

@@ -75,10 +75,12 @@ sys.path.insert(0, str(HERE))
 STEPS = ("build", "gpu_tests", "sanitizer", "overhead", "precision", "vs_monte_carlo",
          "cpu_exactness", "compiled")
 GPU_SIGMAS = (0.15, 0.5, 1.0, 2.0, 3.5)
-# The paper (Levine & Feizi 2021, Figure 6): WRN-40-2 on CIFAR-10, one RTX 2080 Ti.
+# The paper (Levine & Feizi 2021, section 5 and Figure 6): WRN-40-2 on CIFAR-10, one RTX
+# 2080 Ti. Its text quotes one point of Figure 6, sigma 3.5: 0.41 s/image for DSSN, 13.44 s
+# for Yang et al.'s Monte Carlo (bench_common.PAPER_SIGMA35_SECONDS); nothing else is quoted.
 PAPER_GPU = "RTX 2080 Ti"
-PAPER_DSSN_S = {0.15: 0.0224, 3.5: 0.41}
-PAPER_MC_S = (12.8, 13.9)
+PAPER_DSSN_S = {3.5: 0.41}
+PAPER_MC_S = {3.5: 13.44}
 EXACTNESS_TESTS = ("test_expand.py", "test_vote.py", "test_vote_margin.py",
                    "test_certificate.py", "test_soundness.py", "test_lemma.py",
                    "test_margin.py", "test_early_exit.py", "test_pipeline.py",
@@ -672,10 +674,10 @@ def markdown(result: dict, p: dict) -> str:
                   f"median of {p['mc_repeats']} run(s); Monte Carlo: Yang et al.'s uniform "
                   f"noise, n0 = 64 + n = 100,000 forwards per image (the `MC method` column "
                   f"says whether it was timed at full n or with fewer samples and scaled "
-                  f"linearly). Paper: WRN-40-2 on one {PAPER_GPU}, DSSN "
-                  f"{PAPER_DSSN_S[0.15]} s/image at sigma 0.15 up to {PAPER_DSSN_S[3.5]} s at "
-                  f"sigma 3.5, Monte Carlo {PAPER_MC_S[0]} to {PAPER_MC_S[1]} s/image (only "
-                  f"the end points are quoted). certify / forward: certify's time over the "
+                  f"linearly). Paper: WRN-40-2 on CIFAR-10, one {PAPER_GPU}, at sigma 3.5 "
+                  f"DSSN {PAPER_DSSN_S[3.5]} s/image and Monte Carlo {PAPER_MC_S[3.5]} s/image "
+                  f"(the one point of its Figure 6 that its text quotes). certify / forward: "
+                  f"certify's time over the "
                   f"model's own forward passes on the same inputs at the same batch size "
                   f"(overhead.py, per backend); naive: the released-code-style pipeline.", ""]
         lines += md_table(

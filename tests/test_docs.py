@@ -5,7 +5,7 @@
   citation may wrap onto the next comment line).
 * No file cites the design document by a bare name (it lives in docs/), and nothing
   points outside the repository (the paper and the design notes are restated in
-  docs/DESIGN.md, not linked).
+  docs/DESIGN.md, not linked; no absolute path of a development machine).
 * Every path that docs/DESIGN.md and tests/README.md name (in backticks) exists, and their
   in-page links (``#anchor``) lead to a heading.
 
@@ -32,9 +32,11 @@ TEXT_NAMES = {"Makefile", "LICENSE", "run"}
 CITATION = re.compile(r"docs/DESIGN\.md,\s*(?:(?:#|//|\*)\s*)?\"([^\"]*)\"")
 # The document named without its folder (docs/ in front is the one accepted form).
 BARE = re.compile(r"(?<![\w/.-])DESIGN\.md|(?<!docs/)(?<=/)DESIGN\.md")
-# Pointers outside the repository: the sibling shared folder, the paper's text file.
+# Pointers outside the repository: the sibling shared folder (its paper and design
+# notes), the paper's text file, any absolute path of the machines it is developed on.
 # (Written so that this file does not match itself.)
-OUTSIDE = re.compile(r"\.\./shared\b|\bshared/(?:paper)\b|levine-feizi-2021-dssn\.txt|/work/(?:shared)\b")
+OUTSIDE = re.compile(r"\.\./shared\b|\bshared/(?:paper\b|DESIGN\.md)|levine-feizi-2021-dssn\.txt"
+                     r"|(?<![\w.~-])/work/(?=[\w.])")
 WRAP = re.compile(r"\s*\n\s*(?:#|//|\*)?\s*")
 
 

@@ -1,4 +1,4 @@
-"""Denoised smoothing (issue 13): the DnCNN, the objectives' losses, `dssn train --noise
+"""Denoised smoothing (the paper's Appendix D): the DnCNN, the objectives' losses, `dssn train --noise
 none`, `dssn train-denoiser` end to end (the frozen classifier untouched, the composed
 checkpoint certifying as nn.Sequential(denoiser, classifier) built by hand), resume bit for
 bit, --init (a stability denoiser starting from the MSE one's weights), and the refusals."""
@@ -315,3 +315,6 @@ def test_denoise_demo_quick(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Table 1" in text and all(f"| {label} |" in text for label in denoise_demo.LABELS)
     assert (tmp_path / "table.md").is_file()
+    # (c) starts from (b)'s MSE denoiser, as Salman et al.'s stability denoisers do
+    training = saved(tmp_path / "stability-sigma0.5.pt", "training")
+    assert training["init"] == str(tmp_path / "mse-sigma0.5.pt")

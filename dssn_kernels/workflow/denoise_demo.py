@@ -9,7 +9,8 @@ For each sigma, every held-out digit is certified exactly with DSSN by
 
     (a) clean        the classifier trained on clean images (dssn train --noise none), as is
     (b) mse          a DnCNN trained with the MSE objective in front of it (train-denoiser)
-    (c) stability    a DnCNN trained with the stability objective in front of it
+    (c) stability    a DnCNN trained with the stability objective in front of it,
+                     started from (b)'s MSE denoiser, as Salman et al. do
     (d) mse-retrain  an MSE DnCNN, then a classifier retrained through it, both fine-tuned
     (e) dssn-trained a classifier trained under DSSN noise (dssn train), the reference
 
@@ -106,6 +107,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             ckpts[objective] = out / f"{objective}-{tag}.pt"
             train_denoiser(clean, ckpts[objective], objective=objective, sigma=sigma,
+                           init=ckpts["mse"] if objective == "stability" else None,
                            epochs=args.denoiser_epochs, retrain_epochs=args.retrain_epochs,
                            train_seed=args.seed, max_train=max_train, device="cpu",
                            overwrite=True)

@@ -1,7 +1,7 @@
 """Test configuration: which backends this machine must have, the ``gpu`` marker, and
 the Triton interpreter.
 
-Expected backends (issue 9.7). The kernel tests parametrize over the backends *expected*
+Expected backends. The kernel tests parametrize over the backends *expected*
 here, never over ``dk.available_backends()`` (the code under test): if the C++ extension
 fails to build, the ``cpp`` cases fail instead of silently dropping out, and
 tests/test_expected_backends.py says which backend is missing and why.

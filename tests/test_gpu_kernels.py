@@ -1,4 +1,4 @@
-"""Kernel tests that follow the device (issue 11): every check of bits or counts also runs
+"""Kernel tests that follow the device: every check of bits or counts also runs
 on CUDA tensors, once per expected CUDA backend (``cuda``, ``triton``, ``torch``;
 tests/conftest.py), against a reference computed on the CPU (results come back with
 ``.cpu()`` before any comparison). Those cases carry the ``gpu`` marker (``pytest -m

@@ -1,4 +1,4 @@
-"""`dssn train --compile` and `--autocast bf16|fp16` (issue 14): the base classifier trained
+"""`dssn train --compile` and `--autocast bf16|fp16`: the base classifier trained
 through torch.compile of the model and/or under torch.autocast, both recorded in the
 checkpoint's training dict and in the settings a resumed training must share. The
 compiled tests use dynamo's "eager" backend (the hidden --compile-backend): the traced

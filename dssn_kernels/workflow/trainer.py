@@ -337,7 +337,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                                f"{batch_size}, {lr})")
         if optimizer not in ("adam", "sgd"):
             raise WorkflowError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
-        if noise not in NOISES and noise != "none":   # none: clean images (issue 13)
+        if noise not in NOISES and noise != "none":   # none: clean images (denoised smoothing)
             raise WorkflowError(f"unknown noise {noise!r}; choose one of "
                                 f"{', '.join(NOISES)}, none")
         stability = bool(stability)

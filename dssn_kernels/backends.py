@@ -1,8 +1,9 @@
 """Which backend runs where.
 
 ``auto``: CPU tensors -> ``cpp`` when the native extension is built, else ``torch``;
-CUDA tensors -> ``cuda`` when the extension was built with its CUDA kernels, else
-``triton`` on sm_80+ (Triton dropped Turing after 3.2), else ``torch``. ``triton`` with
+CUDA tensors -> ``triton`` on sm_80+ where triton imports (Triton dropped Turing after
+3.2), else ``cuda`` when the extension was built with its CUDA kernels (the default on
+Turing, sm_75), else ``torch``. ``triton`` with
 CPU tensors runs through Triton's interpreter when TRITON_INTERPRET=1 is set.
 
 When the native extension does not import, ``auto`` says so once per process
@@ -108,12 +109,13 @@ def _auto_backend(device: torch.device) -> str:
         _warn_native_fallback("torch", device)
         return "torch"
     if device.type == "cuda":
-        if native_has_cuda_kernels():
+        if _triton_status(device)[0]:   # sm_80+ with triton: the GPU default
+            return "triton"
+        if native_has_cuda_kernels():   # Turing (sm_75), or no triton
             return "cuda"
-        chosen = "triton" if _triton_status(device)[0] else "torch"
         if native_extension_error() is not None:
-            _warn_native_fallback(chosen, device)
-        return chosen
+            _warn_native_fallback("torch", device)
+        return "torch"
     return "torch"
 
 

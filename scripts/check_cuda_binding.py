@@ -263,8 +263,11 @@ def check_registration(c: Checks, root: str):
             c.check(torch._C._dispatch_has_kernel_for_dispatch_key(f"dssn::{op}", key),
                     f"dssn::{op} has a {key} kernel")
     c.check(backends.native_has_cuda_kernels(), "backends.native_has_cuda_kernels()")
+    # auto on CUDA tensors: triton where it runs (sm_80+), else these CUDA kernels
+    triton_ok, why = backends._triton_status(torch.device("cuda"))
+    want = "triton" if triton_ok else "cuda"
     auto = backends.resolve_backend("auto", torch.device("cuda"))
-    c.check(auto == "cuda", "resolve_backend('auto', cuda) == 'cuda'", f"got {auto!r}")
+    c.check(auto == want, f"resolve_backend('auto', cuda) == {want!r} ({why})", f"got {auto!r}")
     c.check("cpp" in dk.available_backends("cpu"), "available_backends('cpu') has cpp")
     return ops
 

@@ -42,3 +42,19 @@ def test_expected_lists_are_well_formed():
     assert CPU_BACKENDS and set(CPU_BACKENDS) <= {"torch", "cpp", "triton"}
     assert CUDA_BACKENDS and set(CUDA_BACKENDS) <= {"torch", "cuda", "triton"}
     assert len(set(CPU_BACKENDS)) == len(CPU_BACKENDS)
+
+
+@pytest.mark.parametrize("triton_runs,cuda_kernels,want", [
+    (True, True, "triton"), (True, False, "triton"), (False, True, "cuda"),
+    (False, False, "torch")])
+def test_auto_rule_on_cuda_tensors(monkeypatch, triton_runs, cuda_kernels, want):
+    """auto on CUDA tensors: triton where it runs (sm_80+), else the extension's CUDA
+    kernels (Turing), else torch; checked without a GPU by stating what the machine has."""
+    import torch
+
+    from dssn_kernels import backends
+
+    monkeypatch.setattr(backends, "_triton_status", lambda device: (triton_runs, "stated"))
+    monkeypatch.setattr(backends, "native_has_cuda_kernels", lambda: cuda_kernels)
+    monkeypatch.setattr(backends, "native_extension_error", lambda: None)
+    assert backends._auto_backend(torch.device("cuda")) == want

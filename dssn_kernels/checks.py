@@ -63,17 +63,22 @@ def check_margin(margin) -> float:
     return tau
 
 
+def _int_at_least(name: str, value, minimum: int, what: str) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers accepted): a bool or any other
+    type is a TypeError, a smaller int a ValueError; both say ``name`` must be ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def check_batch_size(batch_size) -> int:
-    """The forward batch size as an int: a positive integer (numpy integers accepted),
-    DEFAULT_BATCH_SIZE for None. A bool or any other type is a TypeError (as for q, seed,
-    start and stop), a value below 1 a ValueError."""
+    """The forward batch size as an int: a positive integer, DEFAULT_BATCH_SIZE for None
+    (TypeError/ValueError as _int_at_least, like q, seed, start and stop)."""
     if batch_size is None:
         return DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be a positive int, got {type(batch_size).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return int(batch_size)
+    return _int_at_least("batch_size", batch_size, 1, "a positive int")
 
 
 def check_backend_name(backend) -> str:
@@ -86,28 +91,18 @@ def check_backend_name(backend) -> str:
 
 def check_num_classes(num_classes, *, required: bool = False) -> int | None:
     """The number of classes K: an int >= 2, or None (K is whatever the model returns)
-    unless ``required``. A bool or any other type (None where ``required``) is a
-    TypeError, an int below 2 a ValueError."""
+    unless ``required`` (None is then a TypeError, as any other type)."""
     if num_classes is None and not required:
         return None
-    what = "an int >= 2" if required else "None or an int >= 2"
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise TypeError(f"num_classes must be {what}, got {num_classes!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be {what}, got {num_classes!r}")
-    return int(num_classes)
+    return _int_at_least("num_classes", num_classes, 2,
+                         "an int >= 2" if required else "None or an int >= 2")
 
 
 def check_chunk_size(chunk_size) -> int | None:
-    """Early exit's variants per look: None (planned) or a positive int; a bool or any other
-    type is a TypeError, an int below 1 a ValueError."""
+    """Early exit's variants per look: None (planned) or a positive int."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    return int(chunk_size)
+    return _int_at_least("chunk_size", chunk_size, 1, "None or a positive int")
 
 
 def check_flag(name: str, value) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .checks import check_q, check_seed
+from .checks import _int_at_least, check_q, check_seed
 
 # q + L must stay below this for the kernels' division-free floor (csrc/dssn_noise.h).
 MAX_LEVELS_PLUS_VARIANTS = 1 << 21
@@ -83,24 +83,15 @@ def resolve_num_variants(sigma=None, lam=None, q=255, num_variants_=None) -> int
 
 def split_offsets(dim, num_variants, seed=0) -> torch.Tensor:
     """Per-pixel offsets v = numpy.random.RandomState(seed).randint(L, size=dim), int64."""
-    return offsets(_check_positive_int("dim", dim),
-                   _check_positive_int("num_variants", num_variants), check_seed(seed))
+    return offsets(_int_at_least("dim", dim, 1, "a positive int"),
+                   _int_at_least("num_variants", num_variants, 1, "a positive int"),
+                   check_seed(seed))
 
 
 def offsets(dim: int, L: int, seed: int) -> torch.Tensor:
     """split_offsets for checked arguments (the entry points checked the seed)."""
     rs = np.random.RandomState(seed)
     return torch.from_numpy(rs.randint(L, size=dim).astype(np.int64))
-
-
-def _check_positive_int(name: str, value) -> int:
-    """``value`` (the argument ``name``) as an int >= 1: TypeError for a non-int (bool
-    included), ValueError for one < 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 # Largest q for which rounding m/(4q) to float32 and then to the dtype (what every kernel

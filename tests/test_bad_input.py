@@ -494,7 +494,8 @@ def test_dssn_needs_num_classes():
 # --- each argument checked once -------------------------------------------------------
 
 def check_calls(run):
-    """{check name: calls} of the functions of dssn_kernels.checks during run()."""
+    """{check name: calls} of the public check_* functions of dssn_kernels.checks during
+    run() (their private helpers serve several checks)."""
     import sys
     from collections import Counter
 
@@ -502,7 +503,8 @@ def check_calls(run):
     calls = Counter()
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == checks.__file__:
+        if event == "call" and frame.f_code.co_filename == checks.__file__ \
+                and frame.f_code.co_name.startswith("check_"):
             calls[frame.f_code.co_name] += 1
     sys.setprofile(profile)
     try:

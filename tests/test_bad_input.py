@@ -158,6 +158,8 @@ BAD_SPEC = {
     "sigma NaN": (dict(L=None, sigma=math.nan), ValueError, r"sigma must be a positive finite"),
     "sigma inf": (dict(L=None, sigma=math.inf), ValueError, r"sigma must be a positive finite"),
     "lam zero": (dict(L=None, lam=0.0), ValueError, r"lam must be a positive finite"),
+    "sigma overflows L": (dict(L=None, sigma=1e308), ValueError, r"= inf variants.*exceeds"),
+    "lam overflows L": (dict(L=None, lam=1e307), ValueError, r"= inf variants.*exceeds"),
     "sigma str": (dict(L=None, sigma="0.5"), TypeError, r"sigma must be a number"),
     "q = 0": (dict(q=0), ValueError, r"q must be >= 1"),
     "q float": (dict(q=255.0), TypeError, r"q must be an int"),

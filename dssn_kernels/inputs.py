@@ -28,6 +28,7 @@ def value_spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mantissa, exponent = torch.frexp(values)        # values = mantissa * 2**exponent
     exponent = torch.where(values >= 1, exponent - 1, exponent)
     spacing = info.eps * torch.pow(2.0, (exponent - 1).to(torch.float64))
+    spacing = torch.where(values == 0, 0.0, spacing)  # frexp(0) = (0, 0): not [1/2, 1)
     return spacing.clamp(min=info.eps * info.tiny)   # subnormals (and 0)
 
 

@@ -476,6 +476,12 @@ def test_levels_a_coarse_dtype_cannot_hold_are_refused_not_misread(dtype, q):
             continue
         assert got == level
     assert refused > 0
+    # below 1/2 the values are finer: 0 (exact) and the smallest levels still read
+    low = torch.tensor([0, 1, 2, 3])
+    if dtype != torch.float8_e4m3fn:
+        assert torch.equal(to_levels((low.double() / q).to(dtype).view(1, -1), q).long(),
+                           low.view(1, -1))
+    assert to_levels(torch.zeros(1, 1, dtype=dtype), q).item() == 0
     with pytest.raises(ValueError, match=r"cannot hold their level.*integer levels"):
         dk.variants((k.double() / q).to(dtype).view(1, -1)[:, -4:], L=3, q=q)
 

@@ -34,7 +34,9 @@ class LogitDrift:
 
     max: the largest absolute difference between a logit of the reference evaluation and
         the same logit of the other one (float, in logit units; computed in float64 from
-        the logits, each exactly representable in float32).
+        the logits as the model returned them, each exactly representable in float64:
+        float64 logits are not rounded to float32 first. Equal logits differ by 0, equal
+        infinities too, as in the margin rule).
     per_image: float64 [B], the same maximum per image.
     votes_differ: LongTensor [B], variants whose argmax (lowest index on ties) differs
         between the two evaluations.
@@ -73,7 +75,9 @@ def _checked_call(setting: dict, q: int) -> tuple[ModelCall, int]:
 
 def _evaluate(model, levels, split, *, L, q, start, n, shape, backend, call: ModelCall,
               batch_size: int) -> torch.Tensor:
-    """The logits, as float32 [B * n, K] on the images' device, of variants start..start+n-1
+    """The logits, as float64 [B * n, K] on the images' device (exact: the vote kernels
+    read float64 logits unrounded, so a drift below float32's resolution must not vanish
+    here), of variants start..start+n-1
     of every image under one evaluation (call, batch_size): the rounds of certify
     (pipeline.VoteRounds, the same workspace, fill, forward and logit checks), the logits
     kept instead of voted."""
@@ -91,11 +95,11 @@ def _evaluate(model, levels, split, *, L, q, start, n, shape, backend, call: Mod
             end = min(pos + rounds.rows_max, total)
             logits = rounds.logits(end - pos, fill_range(fill, pos, end, n))
             if out is None:
-                out = torch.empty((total, logits.shape[1]), dtype=torch.float32, device=device)
+                out = torch.empty((total, logits.shape[1]), dtype=torch.float64, device=device)
             elif logits.shape[1] != out.shape[1]:
                 raise ValueError(f"model returned K={logits.shape[1]} logits, earlier "
                                  f"{out.shape[1]}")
-            out[pos:end] = logits.float()
+            out[pos:end] = logits.double()
     if bool(torch.isnan(out).any()):
         raise ValueError("model returned NaN logits: no drift can be measured")
     return out
@@ -118,7 +122,7 @@ def logit_drift(model, x, *, other: dict, reference: dict | None = None, sigma=N
         cert = dk.certify(model, x, sigma=0.5, margin=drift.margin,
                           compile=True, autocast=torch.bfloat16)
 
-    Every logit of both evaluations is kept ([B * (stop - start), K] float32 each), so
+    Every logit of both evaluations is kept ([B * (stop - start), K] float64 each), so
     measure some images at a time. The drift is what these images and variants showed;
     other images, or other variants, may drift more.
     """
@@ -141,11 +145,15 @@ def logit_drift(model, x, *, other: dict, reference: dict | None = None, sigma=N
     if a.shape != b.shape:
         raise ValueError(f"the two evaluations return logits of shapes {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
-    diff = (a.double() - b.double()).abs().view(B, n, -1)
+    # equal logits (equal infinities too) differ by 0, not inf - inf = NaN; otherwise
+    # |a - b| rounded to nearest, which the nextafter below more than covers
+    diff = torch.where(a == b, torch.zeros_like(a), (a - b).abs()).view(B, n, -1)
     per_image = diff.amax(dim=(1, 2)).cpu()
     votes_differ = (a.argmax(1) != b.argmax(1)).view(B, n).sum(1).cpu()
     worst = float(per_image.max())
-    if math.isinf(worst):
-        raise ValueError("the two evaluations differ by an infinite logit: no margin covers it")
+    margin = math.nextafter(2 * worst, math.inf)
+    if math.isinf(margin):
+        raise ValueError("the two evaluations differ by an infinite logit (or one near the "
+                         "float64 limit): no finite margin covers it")
     return LogitDrift(max=worst, per_image=per_image, votes_differ=votes_differ, variants=n,
-                      num_variants=L, margin=math.nextafter(2 * worst, math.inf))
+                      num_variants=L, margin=margin)

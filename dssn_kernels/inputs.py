@@ -7,7 +7,9 @@ import torch
 # GRID_TOLERANCE_STEPS quantization steps, or, for dtypes too coarse to hold k/q that
 # closely, 4 eps |x| (2 to 4 units in the last place of x's dtype at x: a correctly
 # rounded k/q is within half of one, and the slack admits x * (1/q) and the like), never
-# more than 0.25 of a step.
+# more than 0.25 of a step. A pixel where x's dtype spaces its values more than one step
+# apart is refused whatever its offset (value_spacing): two levels can round to the same
+# value there, so the level read could be a neighbour of the one the pixel came from.
 GRID_TOLERANCE_STEPS = 1e-3
 
 
@@ -16,6 +18,18 @@ def grid_tolerance(values: torch.Tensor, dtype: torch.dtype, q: int) -> torch.Te
     float64, ``dtype``: the dtype they came in."""
     ulp_steps = 4 * torch.finfo(dtype).eps * q * values.abs()
     return ulp_steps.clamp(min=GRID_TOLERANCE_STEPS, max=0.25)
+
+
+def value_spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per pixel, the spacing of ``dtype``'s values at each pixel (``values``: the pixels
+    as float64, in [0, 1]): the gap to the next value above, except at 1, the top pixel,
+    where the levels lie below it and the gap below counts."""
+    info = torch.finfo(dtype)
+    mantissa, exponent = torch.frexp(values)        # values = mantissa * 2**exponent
+    exponent = torch.where(values >= 1, exponent - 1, exponent)
+    spacing = info.eps * torch.pow(2.0, (exponent - 1).to(torch.float64))
+    spacing = torch.where(values == 0, 0.0, spacing)  # frexp(0) = (0, 0): not [1/2, 1)
+    return spacing.clamp(min=info.eps * info.tiny)   # subnormals (and 0)
 
 
 def level_dtype(q: int) -> torch.dtype:
@@ -62,6 +76,19 @@ def to_levels(x, q: int) -> torch.Tensor:
         bad = ((xd < 0) | (xd > 1)).sum().item()
         raise ValueError(f"float pixels must lie in [0, 1], but {bad} are outside "
                          f"(min {lo:.6g}, max {hi:.6g})")
+    # Where the dtype spaces its values more than one step 1/q apart, two levels can round
+    # to the same pixel value and the tolerance below would read some pixels as a
+    # neighbouring level, silently (bfloat16 at q = 511, float16 at q = 4095): refuse them.
+    coarse = value_spacing(xd, x.dtype) * q > 1
+    if bool(coarse.any()):
+        bad = coarse.sum().item()
+        worst = (xd * coarse).argmax().item()
+        raise ValueError(
+            f"{bad} {x.dtype} pixel(s) cannot hold their level for q={q}: at "
+            f"{xd.view(-1)[worst].item():.9g} {x.dtype} spaces its values "
+            f"{(value_spacing(xd.view(-1)[worst:worst + 1], x.dtype) * q).item():.3g} steps "
+            "apart, so neighbouring levels k/q round to the same value; pass uint8/integer "
+            "levels or float32 pixels")
     scaled = xd * q
     k = torch.round(scaled)
     off = (scaled - k).abs()

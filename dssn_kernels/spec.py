@@ -53,6 +53,9 @@ def _num_variants(sigma, lam, q: int) -> int:
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     lam_ = lam_from_sigma(value) if sigma is not None else value
+    if not np.isfinite(2 * lam_ * q):    # int() of it would raise OverflowError
+        raise ValueError(f"{name}={value} gives L = int(2*lambda*q) = inf variants at q={q}: "
+                         f"q + L exceeds the supported {MAX_LEVELS_PLUS_VARIANTS}")
     L = int(2 * lam_ * q)
     if L < 1:
         raise ValueError(

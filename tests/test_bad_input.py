@@ -158,6 +158,8 @@ BAD_SPEC = {
     "sigma NaN": (dict(L=None, sigma=math.nan), ValueError, r"sigma must be a positive finite"),
     "sigma inf": (dict(L=None, sigma=math.inf), ValueError, r"sigma must be a positive finite"),
     "lam zero": (dict(L=None, lam=0.0), ValueError, r"lam must be a positive finite"),
+    "sigma overflows L": (dict(L=None, sigma=1e308), ValueError, r"= inf variants.*exceeds"),
+    "lam overflows L": (dict(L=None, lam=1e307), ValueError, r"= inf variants.*exceeds"),
     "sigma str": (dict(L=None, sigma="0.5"), TypeError, r"sigma must be a number"),
     "q = 0": (dict(q=0), ValueError, r"q must be >= 1"),
     "q float": (dict(q=255.0), TypeError, r"q must be an int"),
@@ -454,6 +456,47 @@ def test_every_level_in_each_float_dtype_reads_back(dtype):
     k = torch.arange(256)
     for x in ((k.double() / 255).to(dtype), k.to(dtype) / 255, k.to(dtype) * (1 / 255)):
         assert torch.equal(to_levels(x.view(1, -1), 255).long(), k.view(1, -1))
+
+
+@pytest.mark.parametrize("dtype, q", [(torch.bfloat16, 511), (torch.bfloat16, 1023),
+                                      (torch.float16, 4095), (torch.float8_e4m3fn, 255)])
+def test_levels_a_coarse_dtype_cannot_hold_are_refused_not_misread(dtype, q):
+    """Where the dtype spaces its values more than a step 1/q apart, two levels round to
+    the same pixel value: such a pixel, even one within the grid tolerance of some level,
+    is refused rather than read (once silently) as a neighbouring level. Every pixel of
+    k/q rounded to the dtype is either refused or read as k, and some are refused."""
+    k = torch.arange(q + 1)
+    refused = 0
+    for level, x in zip(k.tolist(), (k.double() / q).to(dtype)):
+        try:
+            got = to_levels(x.view(1, 1), q).item()
+        except ValueError as exc:
+            assert "cannot hold their level" in str(exc) or "off the k/q grid" in str(exc)
+            refused += "cannot hold their level" in str(exc)
+            continue
+        assert got == level
+    assert refused > 0
+    # below 1/2 the values are finer: 0 (exact) and the smallest levels still read
+    low = torch.tensor([0, 1, 2, 3])
+    if dtype != torch.float8_e4m3fn:
+        assert torch.equal(to_levels((low.double() / q).to(dtype).view(1, -1), q).long(),
+                           low.view(1, -1))
+    assert to_levels(torch.zeros(1, 1, dtype=dtype), q).item() == 0
+    with pytest.raises(ValueError, match=r"cannot hold their level.*integer levels"):
+        dk.variants((k.double() / q).to(dtype).view(1, -1)[:, -4:], L=3, q=q)
+
+
+@pytest.mark.parametrize("dtype, q", [(torch.float16, 2047), (torch.bfloat16, 255)])
+def test_coarse_dtype_where_it_holds_every_level_is_still_read(dtype, q):
+    """Up to one step between the dtype's values (1 included, whose levels lie below it)
+    every correctly rounded k/q is read as k or refused only as off the grid."""
+    k = torch.arange(q + 1)
+    for level, x in zip(k.tolist(), (k.double() / q).to(dtype)):
+        try:
+            assert to_levels(x.view(1, 1), q).item() == level
+        except ValueError as exc:
+            assert "off the k/q grid" in str(exc)
+    assert to_levels(torch.ones(1, 1, dtype=dtype), q).item() == q
 
 
 @pytest.mark.parametrize("level", [1.2, 3.3, 10.2, 40.25, 60.7])

@@ -250,6 +250,56 @@ def test_logit_drift_measures_the_variants_asked_for():
     assert flips.any()                        # the check is not vacuous
 
 
+class Float64Jitter(torch.nn.Module):
+    """float64 logits 1/2 + 1e-12 * (0, 1) in forward batches of 16 rows, 1/2 + 1e-12 *
+    (2, 1) in smaller ones: every vote flips between the two evaluations, yet the logits
+    of both round to the same float32 (1/2)."""
+
+    def forward(self, x):
+        z = torch.full((x.shape[0], 2), 0.5, dtype=torch.float64)
+        z += torch.tensor([2e-12, 1e-12] if x.shape[0] < 16 else [0.0, 1e-12],
+                          dtype=torch.float64)
+        return z
+
+
+def test_logit_drift_of_float64_logits_is_not_rounded_to_float32():
+    """The drift is measured on the logits as the model returned them (float64 here, the
+    vote kernels read them so): a drift hidden by rounding to float32 would give a margin
+    (5e-324) under which the two evaluations certify different classes."""
+    model, x, L = Float64Jitter(), images(1, shape=3), 16
+    drift = dk.logit_drift(model, x, L=L, other=dict(batch_size=4))
+    assert drift.votes_differ.tolist() == [L]
+    assert drift.max == (0.5 + 2e-12) - 0.5 and drift.margin > 2 * drift.max
+    c16 = dk.certify(model, x, L=L, margin=drift.margin)
+    c4 = dk.certify(model, x, L=L, batch_size=4, margin=drift.margin)
+    assert c16.num_ambiguous.tolist() == c4.num_ambiguous.tolist() == [L]
+    assert c16.steps.tolist() == c4.steps.tolist() == [-1]        # certified: none
+
+
+class HugeLogits(torch.nn.Module):
+    """Logits (c, 0) with c = +inf (float32) or 1e300 (float64, beyond float32), the same
+    in every evaluation."""
+
+    def __init__(self, c, dtype):
+        super().__init__()
+        self.c, self.dtype = c, dtype
+
+    def forward(self, x):
+        z = torch.zeros((x.shape[0], 2), dtype=self.dtype)
+        z[:, 0] = self.c
+        return z
+
+
+@pytest.mark.parametrize("c, dtype", [(float("inf"), torch.float32), (1e300, torch.float64)])
+def test_logit_drift_of_equal_huge_logits_is_zero(c, dtype):
+    """Equal logits do not drift, infinite or beyond float32 (the margin rule's gap of
+    equal infinities is 0), instead of inf - inf = NaN."""
+    drift = dk.logit_drift(HugeLogits(c, dtype), images(2, shape=3), L=8,
+                           other=dict(batch_size=3))
+    assert drift.max == 0.0 and drift.per_image.tolist() == [0.0, 0.0]
+    assert drift.votes_differ.tolist() == [0, 0] and drift.margin == 5e-324
+
+
 def test_logit_drift_eager_against_compiled_and_variant_range():
     model, x = Plain(48, 3, 255), images(2)
     drift = dk.logit_drift(model, x, sigma=0.25, start=10, stop=50,

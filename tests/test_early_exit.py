@@ -13,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dssn_kernels as dk
+import dssn_reference as ref
+from conftest import CPU_BACKENDS
 from dssn_kernels import decisions, early_exit
 from dssn_kernels.decisions import certified_steps
 from dssn_kernels.early_exit import variant_order
@@ -443,6 +445,50 @@ def test_triton_backend_in_interpreter():
     check_decision(dec, cert, Fraction(1, q), L)
     pred = dk.predict(model, x, L=L, q=q, backend="triton", margin=1.5)
     assert torch.equal(pred.prediction, full_certificate(model, x, L, q, 1.5).prediction)
+
+
+class InfiniteTies(torch.nn.Module):
+    """Coarse logits in ``dtype`` with many exact ties, +inf where a score is positive and
+    -inf where it is very negative (rows of equal infinities included)."""
+
+    def __init__(self, q, dtype):
+        super().__init__()
+        self.q, self.dtype = q, dtype
+        self.w = torch.tensor([[1, -1, 0, 2], [-1, 1, 1, -2], [0, 1, -1, 1]], dtype=torch.float64)
+
+    def forward(self, v):
+        m = torch.round(v.reshape(v.shape[0], -1).double() * (4 * self.q))
+        z = torch.floor((m @ self.w) / (2 * self.q))
+        z = torch.where(z > 1, math.inf, torch.where(z < -1, -math.inf, z))
+        return z.to(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_infinite_and_tied_logits_every_entry_point_agrees(dtype):
+    """Logits with exact ties and +-inf, in half precision too: certify equals the
+    reference's for every expected backend and forward batch, and certify_at / predict
+    give its answers (margin 0 and 1)."""
+    q, L = 5, 9
+    x = torch.tensor([[0, 5, 2], [3, 3, 3], [5, 0, 1], [1, 4, 5]], dtype=torch.uint8)
+    model = InfiniteTies(q, dtype)
+    for margin in (0.0, 1.0):
+        want = ref.certify(model, x, L=L, q=q, margin=margin)
+        for backend in CPU_BACKENDS:
+            # the Triton interpreter is slow: one forward batch, one look
+            for batch_size in (64,) if backend == "triton" else (4, 64):
+                cert = dk.certify(model, x, L=L, q=q, margin=margin, backend=backend,
+                                  batch_size=batch_size)
+                for field in ("counts", "ambiguous", "num_ambiguous", "prediction", "steps"):
+                    assert torch.equal(getattr(cert, field), getattr(want, field)), field
+            if backend == "triton":
+                continue
+            pred = dk.predict(model, x, L=L, q=q, margin=margin, backend=backend, batch_size=5)
+            assert torch.equal(pred.prediction, want.prediction)
+            for steps in range(4):
+                dec = dk.certify_at(model, x, Fraction(steps, q), L=L, q=q, margin=margin,
+                                    backend=backend, batch_size=5, order="strided")
+                check_decision(dec, cert, Fraction(steps, q), L)
+    assert (want.num_ambiguous > 0).any() and (want.steps >= 0).any()   # not vacuous
 
 
 def test_dssn_methods():

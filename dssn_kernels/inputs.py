@@ -59,11 +59,17 @@ def to_levels(x, q: int) -> torch.Tensor:
         if x.dtype == torch.uint8 and q > 255:
             raise ValueError(f"uint8 input holds levels 0..255, so q must be <= 255 (got q={q}); "
                              "pass a wider integer dtype or float pixels")
+        if x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            # torch's reductions skip these unsigned types: read them as int64 (a uint64
+            # level of 2**63 or more turns negative there, still outside 0..q)
+            flat = flat.view(torch.int64) if x.dtype == torch.uint64 else flat.long()
         lo, hi = flat.min().item(), flat.max().item()
         if lo < 0 or hi > q:
             bad = ((flat < 0) | (flat > q)).sum().item()
+            seen = ("max >= 2**63" if x.dtype == torch.uint64 and lo < 0
+                    else f"min {lo}, max {hi}")
             raise ValueError(f"integer input holds levels k in 0..q={q}, but {bad} pixel(s) "
-                             f"are outside (min {lo}, max {hi})")
+                             f"are outside ({seen})")
         return flat.to(level_dtype(q)).contiguous()
     xd = flat.double()
     finite = torch.isfinite(xd)

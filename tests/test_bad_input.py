@@ -433,6 +433,24 @@ def test_int32_levels_with_q_above_255():
     assert torch.equal(dk.variants(x, L=9, q=1000), dk.variants(as_float, L=9, q=1000))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.int8,
+                                   torch.int16, torch.int64])
+def test_every_integer_dtype_reads_its_levels_or_names_the_range(dtype):
+    """Integer levels of any width (16-bit images included; torch's reductions lack the
+    wide unsigned types) are read as their levels; levels above q are refused in one line,
+    a uint64 level beyond int64 too."""
+    q = 100 if dtype == torch.int8 else 1000
+    x = torch.tensor([[0, q // 3, q]]).to(dtype)
+    assert torch.equal(dk.variants(x, L=9, q=q), dk.variants(x.double() / q, L=9, q=q))
+    with pytest.raises(ValueError, match=rf"levels k in 0..q={q - 1}, but 1 pixel\(s\) are "
+                                         rf"outside \(min 0, max {q}\)"):
+        dk.variants(x, L=9, q=q - 1)
+    if dtype == torch.uint64:
+        huge = torch.tensor([[1, -5]]).view(torch.uint64)   # [1, 2**64 - 5]
+        with pytest.raises(ValueError, match=r"1 pixel\(s\) are outside \(max >= 2\*\*63\)"):
+            dk.variants(huge, L=9, q=q)
+
+
 @given(q=st.integers(1, 4000), data=st.data(),
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_on_grid_floats_read_as_their_level(q, data, dtype):

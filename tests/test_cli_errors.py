@@ -189,6 +189,15 @@ CASES = {
                      ["another selection", "--skip 1 --max 4"]),
     "smaller-max": (["certify", "m.pt", "--out", "max.tsv", "--max", "2"],
                     ["another selection", "--skip 1 --max 4"]),
+    # an output that is one of the run's inputs, --overwrite or not
+    "certify-out-is-checkpoint": (["certify", "m.pt", "--out", "m.pt", "--overwrite"],
+                                  ["--out m.pt is the checkpoint"]),
+    "denoiser-out-is-classifier": (["train-denoiser", "m.pt", "--objective", "mse", "--out",
+                                    "./m.pt", "--overwrite", "--no-progress"],
+                                   ["--out ./m.pt is the classifier checkpoint"]),
+    "denoiser-out-is-init": (["train-denoiser", "m.pt", "--objective", "stability", "--init",
+                              "random.pt", "--out", "random.pt", "--overwrite", "--no-progress"],
+                             ["--out random.pt is the --init checkpoint"]),
 }
 NEVER = ("Traceback", "weights_only", "add_safe_globals", "merge-tmp", ".tmp", ".probe")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -17,7 +17,8 @@ from ..spec import lam_from_sigma
 from .checkpoint import SmoothingSpec, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
 from .distributed import Context
-from .options import USER_ERRORS, WorkflowError, check_output_path, resolve_device
+from .options import (USER_ERRORS, WorkflowError, check_not_input, check_output_path,
+                      resolve_device)
 from .results import (OutputLock, ResultsWriter, consolidate, format_row, mc_certificate,
                       merge_rows, meta_margin, part_path, read_for_resume, read_results, selection,
                       write_atomic)
@@ -148,6 +149,7 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     evaluated).
     """
     out = check_output_path(out)
+    check_not_input(out, [("the checkpoint", checkpoint)], "the result file")
     evaluation, evaluation_kw = evaluation_settings(compile, autocast)
     if max_index is not None and (isinstance(max_index, bool) or not isinstance(max_index, int)
                                   or max_index < -1):

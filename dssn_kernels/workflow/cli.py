@@ -390,15 +390,13 @@ def cmd_certify(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze, parse_result_arg
-    from .options import check_output_path
+    from .options import check_not_input, check_output_path
     from .results import write_text_atomic
 
     if args.out is not None:
-        out = check_output_path(args.out)
-        for _, path in map(parse_result_arg, args.files):
-            if out.exists() and Path(path).exists() and out.samefile(path):
-                raise UsageError(f"--out {args.out} is one of the result files: give another "
-                                 "name for the table")
+        check_output_path(args.out)
+        check_not_input(args.out, [("one of the result files", path)
+                                   for _, path in map(parse_result_arg, args.files)], "the table")
     text = analyze(args.files, args.radii, args.decimals)
     print(text, end="")
     if args.out:

@@ -53,7 +53,7 @@ from .checkpoint import (CheckpointError, SmoothingSpec, SpecMismatchError, buil
                          model_from_checkpoint, plain, read_checkpoint)
 from .data import DatasetError, load_dataset
 from .models import DnCNN, denoised
-from .options import WorkflowError, resolve_device
+from .options import WorkflowError, check_not_input, resolve_device
 from .results import _diff
 # _after_epoch: the trainer's hook, imported (tests patch ``denoiser._after_epoch``)
 from .trainer import (STATE_FORMAT, TRAIN_DEFAULTS, _after_epoch, _batches, _finish, _open_out,
@@ -172,6 +172,8 @@ def train_denoiser(classifier, out, *, objective: str = "mse", noise: str = "dss
         raise WorkflowError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if noise not in NOISES:
         raise WorkflowError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
+    check_not_input(out, [("the classifier checkpoint", classifier),
+                          ("the --init checkpoint", init)], "the denoiser's checkpoint")
     with _open_out(out, overwrite=overwrite, resume=resume,
                    what="dssn train-denoiser") as (out, state_file):
         return _train_denoiser(classifier, out, state_file, objective=objective, noise=noise,

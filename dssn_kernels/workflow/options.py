@@ -77,3 +77,19 @@ def check_output_path(out, flag: str = "--out"):
     except OSError as exc:  # e.g. a parent that cannot be searched
         raise WorkflowError(f"{flag} {out}: {exc.strerror or exc}") from None
     return path
+
+
+def check_not_input(out, inputs, output: str, flag: str = "--out") -> None:
+    """Refuses (WorkflowError) an ``out`` that is one of the input files ``inputs``
+    ((what, path) pairs; None paths skipped): an output never replaces what the run
+    reads, --overwrite or not. ``output`` names what --out is for the hint."""
+    path_out = Path(out)
+    for what, path in inputs:
+        if path is None:
+            continue
+        try:
+            same = path_out.exists() and Path(path).exists() and path_out.samefile(path)
+        except OSError:
+            same = False
+        if same:
+            raise WorkflowError(f"{flag} {out} is {what}: give another name for {output}")

@@ -133,7 +133,46 @@ def workdir(tmp_path):
     (tmp_path / "random.pt").write_bytes(os.urandom(300))
     (tmp_path / "text.pt").write_text("hello, I am text\n")
     torch.save(SmallCNN(), tmp_path / "module.pt")                     # a whole pickled model
+    bad_checkpoints(ckpt, tmp_path)
     return tmp_path
+
+
+def bad_checkpoints(ckpt, folder):
+    """Checkpoints that load but do not fit their spec: NaN weights, a model of 5 classes
+    or of 16x16 images, a malformed dataset entry or state_dict; and one whose model
+    gives finite logits on a blank image but NaN on every noised digit (later.pt)."""
+    from dssn_kernels.workflow.checkpoint import build_model
+
+    base = torch.load(ckpt, weights_only=True)
+
+    def variant(name, change):
+        c = torch.load(ckpt, weights_only=True)
+        change(c)
+        torch.save(c, folder / name)
+
+    def other_model(**kw):
+        def change(c):
+            c["model"]["kwargs"].update(kw)
+            c["state_dict"] = build_model("small_cnn", c["model"]["kwargs"]).state_dict()
+        return change
+
+    def nan_weights(c):
+        for v in c["state_dict"].values():
+            v.fill_(float("nan"))
+
+    def nan_later(c):   # blank image: finite; any pixel > 0: inf activations, NaN logits
+        sd = c["state_dict"]
+        sd["features.0.weight"].zero_()
+        sd["features.0.weight"][:, :, 1, 1] = 1e38
+        sd["features.0.bias"].fill_(1e38)
+        sd["features.3.weight"].fill_(1e38)
+
+    variant("nan.pt", nan_weights)
+    variant("k5.pt", other_model(num_classes=5))
+    variant("img16.pt", other_model(image_size=16))
+    variant("dslist.pt", lambda c: c.update(dataset=["digits"]))
+    variant("sdlist.pt", lambda c: c.update(state_dict=list(base["state_dict"].values())))
+    variant("later.pt", nan_later)
 
 
 CASES = {
@@ -198,6 +237,25 @@ CASES = {
     "denoiser-out-is-init": (["train-denoiser", "m.pt", "--objective", "stability", "--init",
                               "random.pt", "--out", "random.pt", "--overwrite", "--no-progress"],
                              ["--out random.pt is the --init checkpoint"]),
+    # checkpoints whose model does not fit the spec, malformed entries
+    "ckpt-nan-weights": (["certify", "nan.pt", "--out", "new.tsv"],
+                         ["small_cnn model returns NaN logits"]),
+    "ckpt-other-classes": (["certify", "k5.pt", "--out", "new.tsv"],
+                           ["does not fit its smoothing spec", "K=5 logits", "expected 10"]),
+    "ckpt-other-images": (["certify", "img16.pt", "--out", "new.tsv"],
+                          ["does not fit its smoothing spec", "images [1, 8, 8]"]),
+    "ckpt-dataset-list": (["certify", "dslist.pt", "--out", "new.tsv"],
+                          ["dslist.pt: malformed dataset entry"]),
+    "ckpt-state-dict-list": (["certify", "sdlist.pt", "--out", "new.tsv"],
+                             ["sdlist.pt: malformed state_dict"]),
+    "ckpt-nan-later": (["certify", "later.pt", "--out", "new.tsv"],
+                       ["certifying images 0..", "NaN logits", "nothing was written to new.tsv"]),
+    "ckpt-nan-later-mc": (["certify", "later.pt", "--out", "new.tsv", "--method", "ssn", "--n",
+                           "20", "--n0", "4"], ["certifying images 0..0", "NaN logits"]),
+    "denoiser-nan-classifier": (["train-denoiser", "nan.pt", "--objective", "mse", "--out",
+                                 "new.pt", "--no-progress"], ["returns NaN logits"]),
+    "denoiser-other-images": (["train-denoiser", "img16.pt", "--objective", "mse", "--out",
+                               "new.pt", "--no-progress"], ["does not fit its smoothing spec"]),
 }
 NEVER = ("Traceback", "weights_only", "add_safe_globals", "merge-tmp", ".tmp", ".probe")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

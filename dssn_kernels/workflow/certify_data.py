@@ -226,6 +226,9 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
     # `meta`, so a part file or `out` of another margin is refused on every path.
     dev = ctx.device_for(device)
     my_part = part_path(out, ctx.rank)
+    # the model first: weights that do not fit, or a model that does not take the spec's
+    # images (model_from_checkpoint), are refused before any file is created or changed
+    model = model_from_checkpoint(ckpt, dev)
 
     # 1. Consolidate: rank 0 checks `out` and merges leftovers of an interrupted run
     #    (its own visible part files and the part each rank finds locally).
@@ -240,12 +243,15 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
         done = consolidate(out, meta, extra, overwrite=overwrite)
         return sorted(done)
 
+    started = [False]   # True when this run creates `out` (rank 0)
+
     def take_lock(_):
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise WorkflowError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
         lock.acquire()
+        started[0] = not out.exists()
 
     # 0. Rank 0 locks `out` before any rank reads (or trims) a part file another run may
     #    still be writing; a refusal stops every rank here.
@@ -256,7 +262,6 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
 
     todo = [i for i in indices if i not in done]
     mine = ctx.shard(todo)
-    model = model_from_checkpoint(ckpt, dev)
     L = spec.L
     bs = 256 if batch_size is None else batch_size
     per_batch = images_per_batch or max(1, min(64, bs // L))
@@ -272,16 +277,27 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
         for b in range(0, len(mine), per_batch):
             idx = mine[b:b + per_batch]
             x, y = ds.get(idx)
+            try:
+                if monte_carlo is not None:
+                    lines = _mc_rows(model, x, y, idx, spec, dev, method, monte_carlo,
+                                     batch_size, evaluation_kw or {})
+                else:
+                    t0 = time.perf_counter()
+                    cert = certify(model, x.to(dev), batch_size=batch_size, backend=backend,
+                                   num_classes=spec.num_classes, margin=margin, **kw)
+            except ValueError as exc:   # the model's output refused (NaN logits, ...)
+                kept = f"the rows before them are kept in {target}"
+                if b == 0 and started[0] and not ctx.distributed:
+                    writer.close()
+                    target.unlink()   # this run's new file, with no row: nothing is left
+                    kept = f"nothing was written to {target}"
+                raise WorkflowError(f"certifying images {idx[0]}..{idx[-1]}: {exc}; "
+                                    f"{kept}") from None
             if monte_carlo is not None:
-                lines = _mc_rows(model, x, y, idx, spec, dev, method, monte_carlo, batch_size,
-                                 evaluation_kw or {})
                 seconds += sum(float(line.split("\t")[5]) for line in lines)
                 writer.write(lines)
                 bar.update(len(idx))
                 continue
-            t0 = time.perf_counter()
-            cert = certify(model, x.to(dev), batch_size=batch_size, backend=backend,
-                           num_classes=spec.num_classes, margin=margin, **kw)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0

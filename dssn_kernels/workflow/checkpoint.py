@@ -272,6 +272,13 @@ def read_checkpoint(path) -> dict:
     for key in ("model", "spec", "dataset", "state_dict"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    for key, optional in (("dataset", False), ("training", True)):
+        if not isinstance(ckpt.get(key), dict) and not (optional and ckpt.get(key) is None):
+            raise CheckpointError(f"checkpoint {path}: malformed {key} entry "
+                                  f"({type(ckpt[key]).__name__}, not a dict)")
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path}: malformed state_dict (not a dict of tensors)")
     m = ckpt["model"]
     if not isinstance(m, dict) or not isinstance(m.get("arch"), str) or not isinstance(m.get("kwargs"), dict):
         raise CheckpointError(f"checkpoint {path}: malformed model entry {m!r}")
@@ -284,13 +291,45 @@ def read_checkpoint(path) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> torch.nn.Module:
-    model = build_model(ckpt["model"]["arch"], ckpt["model"]["kwargs"])
+    """The checkpoint's model in eval mode on ``device``, after one forward of a blank
+    image of the spec's input shape (check_model_fits): a model that does not take the
+    spec's inputs, gives another number of classes or NaN logits is refused here, before
+    any training or certification starts."""
+    arch = ckpt["model"]["arch"]
+    model = build_model(arch, ckpt["model"]["kwargs"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint's weights do not fit {ckpt['model']['arch']}: "
-                              f"{str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
+        why = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise CheckpointError(f"the checkpoint's weights do not fit {arch}: "
+                              f"{why[:300] or str(exc).splitlines()[0]}") from None
+    model = model.to(device).eval()
+    spec = ckpt.get("spec_obj")
+    if spec is None:
+        spec = SmoothingSpec.from_dict(ckpt["spec"])
+    check_model_fits(model, spec, f"the checkpoint's {arch} model")
+    return model
+
+
+def check_model_fits(model: torch.nn.Module, spec: SmoothingSpec, what: str) -> None:
+    """One forward of a blank image (all pixels 0, a level of every q) of the spec's input
+    shape: CheckpointError unless it gives float logits [1, num_classes] without NaN
+    (pipeline.check_logits, and the NaN refusal of certify)."""
+    from ..pipeline import check_logits
+
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x = torch.zeros((1, *spec.input_shape), device=device)
+    try:
+        with torch.no_grad():
+            logits = model(x)
+        check_logits(logits, 1, spec.num_classes)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{what} does not fit its smoothing spec (images "
+                              f"{list(spec.input_shape)}, {spec.num_classes} classes): "
+                              f"{first}") from None
+    if bool(torch.isnan(logits).any()):
+        raise CheckpointError(f"{what} returns NaN logits (damaged weights?)")
 
 
 def load_checkpoint(path, device="cpu") -> tuple[torch.nn.Module, SmoothingSpec]:
@@ -308,6 +347,6 @@ def file_sha256(path) -> str:
 
 
 __all__ = ["ARCHS", "CheckpointError", "DENOISER_ARCHS", "FORMAT", "SmoothingSpec",
-           "SpecMismatchError", "build_model",
+           "SpecMismatchError", "build_model", "check_model_fits",
            "default_model_kwargs", "file_sha256", "load_checkpoint", "model_from_checkpoint",
            "read_checkpoint", "save_checkpoint"]

@@ -256,6 +256,16 @@ CASES = {
                                  "new.pt", "--no-progress"], ["returns NaN logits"]),
     "denoiser-other-images": (["train-denoiser", "img16.pt", "--objective", "mse", "--out",
                                "new.pt", "--no-progress"], ["does not fit its smoothing spec"]),
+    # learning rates
+    "train-lr-nan": (["train", "--sigma", "0.5", "--lr", "nan", "--out", "new.pt"],
+                     ["a finite lr > 0", "nan"]),
+    "train-lr-inf": (["train", "--sigma", "0.5", "--lr", "inf", "--out", "new.pt"],
+                     ["a finite lr > 0", "inf"]),
+    "denoiser-lr-nan": (["train-denoiser", "m.pt", "--objective", "mse", "--lr", "nan", "--out",
+                         "new.pt", "--no-progress"], ["finite lr and retrain lr > 0"]),
+    "denoiser-retrain-lr-inf": (["train-denoiser", "m.pt", "--objective", "mse-retrain",
+                                 "--retrain-lr", "inf", "--out", "new.pt", "--no-progress"],
+                                ["finite lr and retrain lr > 0"]),
 }
 NEVER = ("Traceback", "weights_only", "add_safe_globals", "merge-tmp", ".tmp", ".probe")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

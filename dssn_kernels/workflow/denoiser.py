@@ -228,10 +228,11 @@ def _train_denoiser(classifier, out, state_file, *, objective, noise, dataset, s
     if retrain_lr is None:
         retrain_lr = TRAIN_DEFAULTS.get(dataset, {}).get("lr", 1e-3) if \
             TRAIN_DEFAULTS.get(dataset, {}).get("optimizer") == "adam" else 1e-3
-    if epochs < 1 or batch_size < 1 or lr <= 0 or depth < 2 or width < 1 or retrain_lr <= 0 \
-            or (retrain and retrain_epochs < 1):
-        raise WorkflowError(f"need epochs >= 1, batch size >= 1, lr > 0, depth >= 2, width >= 1 "
-                            f"(got {epochs}, {batch_size}, {lr}, {depth}, {width})")
+    if epochs < 1 or batch_size < 1 or not 0 < lr < math.inf or depth < 2 or width < 1 \
+            or not 0 < retrain_lr < math.inf or (retrain and retrain_epochs < 1):
+        raise WorkflowError(f"need epochs >= 1, batch size >= 1, finite lr and retrain lr > 0, "
+                            f"depth >= 2, width >= 1 (got {epochs}, {batch_size}, {lr}, "
+                            f"{retrain_lr}, {depth}, {width})")
     device = resolve_device(device)
     n = len(ds) if max_train is None else min(len(ds), max_train)
     if n < 1:

@@ -332,8 +332,8 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
         optimizer = optimizer or defaults["optimizer"]
         lr = defaults["lr"] if lr is None else lr
         augment = defaults["augment"] if augment is None else augment
-        if epochs < 1 or batch_size < 1 or lr <= 0:
-            raise WorkflowError(f"need epochs >= 1, batch size >= 1, lr > 0 (got {epochs}, "
+        if epochs < 1 or batch_size < 1 or not 0 < lr < math.inf:
+            raise WorkflowError(f"need epochs >= 1, batch size >= 1, a finite lr > 0 (got {epochs}, "
                                f"{batch_size}, {lr})")
         if optimizer not in ("adam", "sgd"):
             raise WorkflowError(f"unknown optimizer {optimizer!r}; choose adam or sgd")

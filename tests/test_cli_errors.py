@@ -266,6 +266,10 @@ CASES = {
     "denoiser-retrain-lr-inf": (["train-denoiser", "m.pt", "--objective", "mse-retrain",
                                  "--retrain-lr", "inf", "--out", "new.pt", "--no-progress"],
                                 ["finite lr and retrain lr > 0"]),
+    # result arguments: an empty path, the current folder
+    "analyze-label-no-path": (["analyze", "a="], ["a=: no file after a="]),
+    "analyze-empty-path": (["analyze", ""], ["an empty file name"]),
+    "analyze-dot": (["analyze", "."], [". (", "): not a result folder"]),
 }
 NEVER = ("Traceback", "weights_only", "add_safe_globals", "merge-tmp", ".tmp", ".probe")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -132,7 +132,11 @@ def parse_result_arg(arg: str) -> tuple[str | None, str]:
     if "=" in arg and not Path(arg).exists():
         label, path = arg.split("=", 1)
         if label:
+            if not path:
+                raise ResultsError(f"{arg}: no file after {label}= (give LABEL=FILE)")
             return label, path
+    if not arg:
+        raise ResultsError("an empty file name: give a result file")
     return None, arg
 
 

@@ -74,7 +74,12 @@ def load_released(folder, label: str | None = None) -> dict:
     """The fields of an analysis.Result for a released result folder (label default:
     the method, ", stability" when stabilized, and "(published)")."""
     folder = Path(folder)
-    info = parse_folder_name(folder.name)
+    name = folder.name if folder.name not in ("", "..") else folder.resolve().name  # ".", ".."
+    try:
+        info = parse_folder_name(name)
+    except ResultsError as exc:   # named as the user wrote it
+        shown = str(folder) if name == folder.name else f"{folder} ({name})"
+        raise ResultsError(f"{shown}{str(exc)[len(name):]}") from None
     method = info["method"]
     labels = _load(folder, "labels.npy")
     preds = _load(folder, "preds.npy")

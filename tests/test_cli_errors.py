@@ -195,6 +195,10 @@ CASES = {
     "analyze-out-parent-file": (["analyze", "r.tsv", "--out", "afile/t.md"], ["afile is a file"]),
     "analyze-out-is-input": (["analyze", "x=r.tsv", "--out", "./r.tsv"],
                              ["--out ./r.tsv is one of the result files"]),
+    "analyze-out-checkpoint": (["analyze", "r.tsv", "--out", "m.pt"],
+                               ["--out m.pt exists and holds binary data", "not a table"]),
+    "analyze-out-result-file": (["analyze", "r.tsv", "--out", "skip.tsv"],
+                                ["--out skip.tsv exists and is a dssn result file"]),
     "plot-out-parent-file": (["plot", "curves", "r.tsv", "--out", "afile/c.png"], ["afile is a file"]),
     "plot-out-folder": (["plot", "noise", "--out", "."], ["is a folder"]),
     # options out of range

@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--decimals", type=_nonnegative_int, default=1,
                    help="decimals of the percentages (default 1)")
     a.add_argument("--out", help="also write the markdown to this file (not one of FILE; "
-                                 "written atomically, missing folders created)")
+                                 "an earlier table is replaced, never a binary or result "
+                                 "file; written atomically, missing folders created)")
     _add_threads(a)
 
     pl = sub.add_parser("plot", help="plots (PNG, or PDF, SVG, ... by --out's suffix): "
@@ -397,6 +398,7 @@ def cmd_analyze(args) -> int:
         check_output_path(args.out)
         check_not_input(args.out, [("one of the result files", path)
                                    for _, path in map(parse_result_arg, args.files)], "the table")
+        _check_replaces_a_table(args.out)
     text = analyze(args.files, args.radii, args.decimals)
     print(text, end="")
     if args.out:
@@ -405,6 +407,29 @@ def cmd_analyze(args) -> int:
         write_text_atomic(args.out, text)
         print(f"\nwritten to {args.out}")
     return 0
+
+
+def _check_replaces_a_table(out) -> None:
+    """analyze --out replaces an earlier table, never another kind of file: an existing
+    --out holding binary data (a checkpoint, an image) or a dssn result file is refused."""
+    import codecs
+
+    from .results import HEADER_PREFIX
+
+    path = Path(out)
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        text = b"\0" not in head
+    except UnicodeDecodeError:
+        text = False
+    if not text or head.startswith(HEADER_PREFIX.encode()):
+        what = "is a dssn result file" if text else "holds binary data (a checkpoint? an image?)"
+        raise UsageError(f"--out {out} exists and {what}, not a table; nothing was changed: "
+                         "give another name for the table")
 
 
 def cmd_plot(args) -> int:

@@ -437,3 +437,22 @@ def test_analyze_out_never_touches_a_file_named_like_a_temporary(tmp_path, capsy
     for path, before in inputs:
         assert path.read_bytes() == before, path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md", "t.md.merge-tmp", "t.md.tmp"]
+
+
+def test_an_interrupted_overwrite_says_to_resume_without_it(tmp_path, capsys, monkeypatch):
+    """certify --overwrite interrupted: the hint is to rerun without --overwrite (the same
+    command would discard the rows again), and that resumes to the uninterrupted rows."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    full, part = tmp_path / "full.tsv", tmp_path / "part.tsv"
+    common = ["--max", "12", "--images-per-batch", "4", "--no-progress"]
+    assert run(["certify", str(ckpt), "--out", str(full)] + common, capsys)[0] == 0
+    part.write_bytes(full.read_bytes())
+    real = certify_data.certify
+    monkeypatch.setattr(certify_data, "certify", interrupted_on_call(real, 2))
+    code, _, err = run(["certify", str(ckpt), "--out", str(part), "--overwrite"] + common, capsys)
+    assert code == 130 and "rerun the same command without --overwrite to resume" in err, err
+    assert len(read_results(part).rows) == 4
+    monkeypatch.setattr(certify_data, "certify", real)
+    code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
+    assert code == 0 and "certified 8 images" in out, (out, err)
+    assert rows_without_time(part) == rows_without_time(full)

@@ -505,7 +505,10 @@ def main(argv=None) -> int:
         return fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
     except KeyboardInterrupt:
         resume = "; rerun the same command with --resume to continue from the last finished epoch"
-        hint = {"certify": "; rerun the same command to resume", "train": resume,
+        # certify --overwrite would discard the rows again: resuming is without it
+        again = ("the same command without --overwrite" if getattr(args, "overwrite", False)
+                 else "the same command")
+        hint = {"certify": f"; rerun {again} to resume", "train": resume,
                 "train-denoiser": resume}.get(args.command, "")
         return fail(f"interrupted{hint}", 130)
 

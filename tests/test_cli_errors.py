@@ -424,3 +424,23 @@ def test_a_training_on_a_locked_output_fails_at_once(workdir, tmp_path_factory):
                                   f"the holder (pid {os.getpid()} on", "since", absent=NEVER)
                 for k, (_, out) in cases.items()}
     assert {k: v for k, v in problems.items() if v} == {}
+
+
+@pytest.mark.parametrize("module, args, pattern", [
+    ("demo", ["--quick", "--sigmas", "0.01"], "argument --sigmas: sigma=0.01 gives L = "),
+    ("compare_demo", ["--quick", "--n", "0"], "argument --n: must be >= 1, got 0"),
+    ("compare_demo", ["--mc-images", "-3"], "argument --mc-images: must be >= 1, got -3"),
+    ("compare_demo", ["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    ("denoise_demo", ["--sigmas", "0.5", "nan"], "argument --sigmas: sigma must be a positive"),
+])
+def test_demo_options_are_refused_in_one_line_before_any_work(module, args, pattern, capsys):
+    """A demo's bad option: one line and exit status 2 from its parser, before any training
+    (a sigma of no variant was a traceback; a zero --n, --epochs, ... silently the default;
+    a negative --mc-images a refusal of --max after the training)."""
+    import importlib
+
+    demo = importlib.import_module(f"dssn_kernels.workflow.{module}")
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and pattern in err, err

@@ -58,6 +58,21 @@ def _max_index(text):
     return v
 
 
+def sigma_type(q: int):
+    """An argparse type: a sigma that gives at least one split-noise variant at ``q`` (the
+    demos' --sigmas, on digits: q = 16), refused in one line otherwise."""
+    def parse(text):
+        from ..spec import num_variants
+
+        try:
+            v = float(text)
+            num_variants(v, q=q)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return v
+    return parse
+
+
 def _radius(text):
     v = float(text)
     if not math.isfinite(v) or v < 0:

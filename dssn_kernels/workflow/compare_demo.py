@@ -38,19 +38,20 @@ A full CIFAR-10 reproduction (a GPU and the data in DATA; per sigma in 0.25 0.5 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dssn_kernels.workflow.compare_demo",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sigmas", type=float, nargs="+", default=None,
+    from .cli import _Parser, _positive_int, sigma_type
+
+    p = _Parser(prog="python -m dssn_kernels.workflow.compare_demo", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sigmas", type=sigma_type(16), nargs="+", default=None,
                    help="noise levels (default 0.25 0.5; --quick: 0.5)")
-    p.add_argument("--epochs", type=int, default=None, help="default 10 (--quick: 1)")
-    p.add_argument("--max-train", type=int, default=None,
+    p.add_argument("--epochs", type=_positive_int, default=None, help="default 10 (--quick: 1)")
+    p.add_argument("--max-train", type=_positive_int, default=None,
                    help="train on the first N shuffled images only (default all)")
-    p.add_argument("--max-test", type=int, default=None,
+    p.add_argument("--max-test", type=_positive_int, default=None,
                    help="held-out images certified by DSSN (default all; --quick: 20)")
-    p.add_argument("--mc-images", type=int, default=None,
+    p.add_argument("--mc-images", type=_positive_int, default=None,
                    help="held-out images certified by Monte Carlo (default 50; --quick: 4)")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=_positive_int, default=None,
                    help="Monte Carlo estimation draws (default 1000; --quick: 50; the paper 100000)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one sigma, one epoch, few images, small n")

@@ -47,9 +47,11 @@ def format_table(results, radii) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dssn_kernels.workflow.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sigmas", type=float, nargs="+", default=None,
+    from .cli import _Parser, sigma_type
+
+    p = _Parser(prog="python -m dssn_kernels.workflow.demo", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sigmas", type=sigma_type(Q), nargs="+", default=None,
                    help=f"noise levels to train and certify (default {' '.join(map(str, DEFAULT_SIGMAS))})")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs per sigma (default 60, 3 with --quick)")

@@ -270,6 +270,14 @@ CASES = {
     "denoiser-retrain-lr-inf": (["train-denoiser", "m.pt", "--objective", "mse-retrain",
                                  "--retrain-lr", "inf", "--out", "new.pt", "--no-progress"],
                                 ["finite lr and retrain lr > 0"]),
+    # options that apply only with another: refused, not ignored
+    "certify-noise-seed-dssn": (["certify", "m.pt", "--out", "new.tsv", "--noise-seed", "3"],
+                                ["--noise-seed applies to the Monte Carlo methods"]),
+    "train-stability-weight-alone": (["train", "--sigma", "0.5", "--stability-weight", "2",
+                                      "--out", "new.pt"],
+                                     ["--stability-weight applies to --stability training only"]),
+    "train-stability-clean": (["train", "--sigma", "0.5", "--stability", "--noise", "none",
+                               "--out", "new/m.pt"], ["needs a training noise, not --noise none"]),
     # result arguments: an empty path, the current folder
     "analyze-label-no-path": (["analyze", "a="], ["a=: no file after a="]),
     "analyze-empty-path": (["analyze", ""], ["an empty file name"]),

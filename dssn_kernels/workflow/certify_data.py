@@ -42,11 +42,13 @@ def _monte_carlo(method, n0, n, alpha, noise_seed, margin) -> dict | None:
         raise WorkflowError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     given = {k: v for k, v in (("n0", n0), ("n", n), ("alpha", alpha)) if v is not None}
     if method == "dssn":
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise WorkflowError(f"--{' --'.join(given)} {verb} to the Monte Carlo methods (--method "
+        flags = list(given) + ([] if noise_seed is None else ["noise-seed"])
+        if flags:
+            verb = "applies" if len(flags) == 1 else "apply"
+            raise WorkflowError(f"--{' --'.join(flags)} {verb} to the Monte Carlo methods (--method "
                                 "ssn or uniform); DSSN certificates are exact")
         return None
+    noise_seed = 0 if noise_seed is None else noise_seed
     if margin:
         raise WorkflowError("--margin applies to DSSN certificates only, not to --method "
                             f"{method}")
@@ -122,7 +124,7 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
                     dist_backend: str | None = None, context: Context | None = None,
                     margin: float = 0.0, method: str | None = None, n0: int | None = None,
                     n: int | None = None, alpha: float | None = None,
-                    noise_seed: int = 0, compile=False, autocast=None) -> dict:
+                    noise_seed: int | None = None, compile=False, autocast=None) -> dict:
     """Certifies the images of a data split (Cohen et al.'s ``skip``/``max``) with the
     checkpoint's smoothed classifier and writes the result TSV ``out`` (results.py),
     resuming an earlier run of the same checkpoint, spec, split and margin, and of the
@@ -140,8 +142,8 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
 
     ``method``: "dssn" (exact), or "ssn" / "uniform", the Monte Carlo certificates of
     baselines.py with ``n0`` (64), ``n`` (100,000) and ``alpha`` (0.001), each image's
-    noise drawn from image_generator(noise_seed, index); default: the checkpoint's
-    training noise.
+    noise drawn from image_generator(noise_seed, index) (``noise_seed`` 0 by default); default:
+    the checkpoint's training noise. These options are refused with "dssn".
 
     ``compile`` / ``autocast`` ("bf16", "fp16"): how the model runs (dk.certify's
     ``compile=`` and ``autocast=``); the header records them under "evaluation", so a

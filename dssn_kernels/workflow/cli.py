@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stability", action="store_true",
                    help="stability training (Li et al. 2019): two noise draws per image, "
                         "loss CE(f(x1), y) + W * KL(f(x1) || f(x2))")
-    t.add_argument("--stability-weight", type=float, default=6.0, metavar="W",
-                   help="W of --stability (default 6)")
+    t.add_argument("--stability-weight", type=float, metavar="W",
+                   help="W of --stability (default 6; only with --stability)")
     t.add_argument("--compile", action="store_true",
                    help="train through torch.compile(model) (recorded in the checkpoint; a "
                         "resume needs the same)")
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Monte Carlo estimation draws (default 100000; under torchrun write --N, "
                         "as torchrun reads --n as an abbreviation of its own options)")
     c.add_argument("--alpha", type=float, help="Monte Carlo failure probability (default 0.001)")
-    c.add_argument("--noise-seed", type=_nonnegative_int, default=0,
+    c.add_argument("--noise-seed", type=_nonnegative_int,
                    help="Monte Carlo noise seed: image i's noise is seeded by (seed, i) (default 0)")
     c.add_argument("--no-progress", action="store_true")
     _add_threads(c)
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from .trainer import train
 
+    if args.stability_weight is not None and not args.stability:
+        raise UsageError("--stability-weight applies to --stability training only: add "
+                         "--stability, or leave the weight out")
     res = train(args.out, dataset=args.dataset, arch=args.arch, sigma=args.sigma,
                 lam=args.lam, q=args.q, seed=0 if args.seed is None else args.seed,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -371,7 +374,7 @@ def cmd_train(args) -> int:
                 data_root=args.data_root, device=args.device, workers=args.workers,
                 progress=not args.no_progress, overwrite=args.overwrite,
                 resume=args.resume, noise=args.noise, stability=args.stability,
-                stability_weight=args.stability_weight,
+                stability_weight=6.0 if args.stability_weight is None else args.stability_weight,
                 compile=({"backend": args.compile_backend} if args.compile_backend
                          else args.compile),
                 autocast=args.autocast)

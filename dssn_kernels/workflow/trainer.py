@@ -341,6 +341,9 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
             raise WorkflowError(f"unknown noise {noise!r}; choose one of "
                                 f"{', '.join(NOISES)}, none")
         stability = bool(stability)
+        if stability and noise == "none":   # two draws of the clean image are one
+            raise WorkflowError("--stability compares two noise draws of each image: it needs "
+                                "a training noise, not --noise none")
         if isinstance(stability_weight, bool) or not isinstance(stability_weight, (int, float)) \
                 or not math.isfinite(stability_weight) or stability_weight < 0:
             raise WorkflowError(f"--stability-weight must be a number >= 0, got "

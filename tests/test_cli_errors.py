@@ -278,6 +278,9 @@ CASES = {
                                      ["--stability-weight applies to --stability training only"]),
     "train-stability-clean": (["train", "--sigma", "0.5", "--stability", "--noise", "none",
                                "--out", "new/m.pt"], ["needs a training noise, not --noise none"]),
+    "denoiser-retrain-epochs-mse": (["train-denoiser", "m.pt", "--objective", "mse",
+                                     "--retrain-epochs", "3", "--out", "new.pt", "--no-progress"],
+                                    ["--retrain-epochs applies to --objective mse-retrain only"]),
     # result arguments: an empty path, the current folder
     "analyze-label-no-path": (["analyze", "a="], ["a=: no file after a="]),
     "analyze-empty-path": (["analyze", ""], ["an empty file name"]),

@@ -153,6 +153,11 @@ def _add_train_denoiser_parser(sub, datasets):
 def cmd_train_denoiser(args) -> int:
     from .denoiser import train_denoiser
 
+    given = [f for f in ("--retrain-epochs", "--retrain-lr")
+             if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given and args.objective != "mse-retrain":
+        raise UsageError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to "
+                         f"--objective mse-retrain only, not {args.objective}")
     res = train_denoiser(args.classifier, args.out, objective=args.objective, noise=args.noise,
                          dataset=args.dataset, sigma=args.sigma, lam=args.lam, q=args.q,
                          seed=args.seed, depth=args.depth, width=args.width, clamp=args.clamp,

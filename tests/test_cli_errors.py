@@ -455,3 +455,20 @@ def test_demo_options_are_refused_in_one_line_before_any_work(module, args, patt
         demo.parse_args(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and pattern in err, err
+
+
+def test_a_damaged_imagenet_image_is_one_line(tmp_path, capsys):
+    """An ImageNet folder with a file that is not a picture (or a truncated one): one
+    line naming the file, no PIL traceback, nothing written."""
+    pytest.importorskip("PIL")
+    from testkit import run_cli
+
+    cls = tmp_path / "in" / "val" / "n01"
+    cls.mkdir(parents=True)
+    (cls / "a.JPEG").write_text("not a picture\n")
+    out = tmp_path / "noise.png"
+    code, _, err = run_cli(["plot", "noise", "--dataset", "imagenet", "--data-root",
+                            str(tmp_path / "in"), "--indices", "0", "--out", str(out)], capsys)
+    assert one_line_error(SimpleNamespace(returncode=code, stderr=err),
+                          f"cannot read image {cls / 'a.JPEG'}") == ""
+    assert not out.exists()

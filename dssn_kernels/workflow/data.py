@@ -233,23 +233,34 @@ def load_imagenet(root, split: str, resize: int = 256, crop: int = 224) -> Level
         Image = None
 
     if ImageFolder is not None:
-        tv = ImageFolder(str(folder))
+        try:
+            tv = ImageFolder(str(folder))
+        except OSError as exc:   # no class folder, no image
+            raise DatasetError(f"{folder}: {exc}") from None
         classes, samples = tv.classes, tv.samples
         tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop)])
 
-        def loader(i):
+        def read(i):
             return _pil_levels(tf(tv.loader(samples[i][0]).convert("RGB")))
     else:
         classes, samples = _find_images(folder)
 
-        def loader(i):
+        def read(i):
             with open(samples[i][0], "rb") as f:
                 return resize_center_crop(Image.open(f), resize, crop)
+
+    def checked_loader(i):
+        try:
+            return read(i)
+        except (OSError, ValueError) as exc:   # a damaged or truncated image, not a picture
+            raise DatasetError(f"cannot read image {samples[i][0]}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                               ) from None
 
     labels = torch.tensor([c for _, c in samples], dtype=torch.long)
     info = INFO["imagenet"]
     return LevelDataset("imagenet", split, info["q"], (3, crop, crop), len(classes),
-                        labels=labels, loader=loader,
+                        labels=labels, loader=checked_loader,
                         identity={"name": "imagenet", "split": split, "num_images": len(samples),
                                   "resize": resize, "crop": crop})
 

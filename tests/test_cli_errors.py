@@ -13,6 +13,7 @@ dssn_kernels`, checked to say the same.
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -309,6 +310,17 @@ def test_user_errors_are_one_line_and_change_nothing(workdir, tmp_path_factory):
                     "analyze": ["analyze", "r.tsv"]}[cmd]
             cases[f"unwritable-{cmd}"] = args + ["--out", f"{ro}/{out}"]
             patterns[f"unwritable-{cmd}"] = [f"{ro}/{out}"]
+    # an output that is a pipe (outside `workdir`: snapshot() would block reading it): a
+    # resume would block reading it, a rename would replace it
+    pipes = None
+    if hasattr(os, "mkfifo"):
+        pipes = tmp_path_factory.mktemp("pipes")
+        os.mkfifo(pipes / "fifo")
+        for cmd, args in (("certify", ["certify", "m.pt", "--no-progress"]),
+                          ("train", ["train", "--sigma", "0.5", "--no-progress"]),
+                          ("analyze", ["analyze", "r.tsv"])):
+            cases[f"fifo-{cmd}"] = args + ["--out", str(pipes / "fifo")]
+            patterns[f"fifo-{cmd}"] = [f"--out {pipes / 'fifo'} is not a regular file"]
     # and what must work: --threads before or after the command, a missing output folder
     # (created), all writing outside the folder under test
     elsewhere = tmp_path_factory.mktemp("elsewhere")
@@ -331,6 +343,9 @@ def test_user_errors_are_one_line_and_change_nothing(workdir, tmp_path_factory):
     changed = [name for name in before[0] if after[0][name] != before[0][name]]
     assert changed == []
 
+    if pipes is not None:
+        assert stat.S_ISFIFO(os.stat(pipes / "fifo").st_mode)
+        assert os.listdir(pipes) == ["fifo"]
     assert all(results[k].returncode == 0 for k in ok), {k: results[k].stderr for k in ok}
     assert results["threads-before"].stdout == results["threads-after"].stdout
     assert "| r.tsv |" in results["threads-after"].stdout

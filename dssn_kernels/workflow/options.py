@@ -55,15 +55,19 @@ def resolve_device(device: str | None) -> str:
 
 def check_output_path(out, flag: str = "--out"):
     """``out`` as a Path after checking that a file can be written there, creating
-    nothing: not empty, not a folder, every existing ancestor a folder, the nearest
-    existing one writable (missing folders are created when the file is written).
-    Raises WorkflowError naming the user's path."""
+    nothing: not empty, not a folder or another non-regular file (a device such as
+    /dev/null, a pipe: a rename would replace it, a resume would block reading it), every
+    existing ancestor a folder, the nearest existing one writable (missing folders are
+    created when the file is written). Raises WorkflowError naming the user's path."""
     if out is None or not str(out).strip():
         raise WorkflowError(f"{flag} is empty: give a file name")
     path = Path(out)
     try:
         if path.is_dir():
             raise WorkflowError(f"{flag} {out} is a folder: give a file name")
+        if path.exists() and not path.is_file():   # replaced or read, it would hang or be lost
+            raise WorkflowError(f"{flag} {out} is not a regular file (a device, pipe or "
+                                "socket): give a file name")
         folder = path.parent
         while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
             folder = folder.parent

@@ -253,8 +253,9 @@ CASES = {
                           ["dslist.pt: malformed dataset entry"]),
     "ckpt-state-dict-list": (["certify", "sdlist.pt", "--out", "new.tsv"],
                              ["sdlist.pt: malformed state_dict"]),
-    "ckpt-nan-later": (["certify", "later.pt", "--out", "new.tsv"],
-                       ["certifying images 0..", "NaN logits", "nothing was written to new.tsv"]),
+    "ckpt-nan-later": (["certify", "later.pt", "--out", "new/sub/r.tsv"],   # folders go again
+                       ["certifying images 0..", "NaN logits",
+                        "nothing was written to new/sub/r.tsv"]),
     "ckpt-nan-later-mc": (["certify", "later.pt", "--out", "new.tsv", "--method", "ssn", "--n",
                            "20", "--n0", "4"], ["certifying images 0..0", "NaN logits"]),
     "denoiser-nan-classifier": (["train-denoiser", "nan.pt", "--objective", "mse", "--out",

@@ -18,7 +18,7 @@ from .checkpoint import SmoothingSpec, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, cohen_indices, load_dataset
 from .distributed import Context
 from .options import (USER_ERRORS, WorkflowError, check_not_input, check_output_path,
-                      resolve_device)
+                      make_folders, remove_empty_folders, resolve_device)
 from .results import (OutputLock, ResultsWriter, consolidate, format_row, mc_certificate,
                       merge_rows, meta_margin, part_path, read_for_resume, read_results, selection,
                       write_atomic)
@@ -213,13 +213,16 @@ def _certify_ranks(ctx: Context, ckpt, spec, ds, meta, indices, out: Path, **kw)
     # folder) to the merge: it alone writes `out`; the other ranks write part files named
     # after their rank, and stop with rank 0's refusal before reading or writing any.
     lock = OutputLock(out)
+    created = []   # the missing folders of `out` made for it (rank 0)
     try:
-        return _certify_shards(ctx, lock, ckpt, spec, ds, meta, indices, out, **kw)
+        return _certify_shards(ctx, lock, created, ckpt, spec, ds, meta, indices, out, **kw)
     finally:
         lock.release()
+        remove_empty_folders(created)   # a run that wrote nothing leaves no folder
 
 
-def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indices, out: Path, *,
+def _certify_shards(ctx: Context, lock: OutputLock, created: list, ckpt, spec, ds, meta, indices,
+                    out: Path, *,
                     device, batch_size, images_per_batch, backend, overwrite, progress,
                     margin: float = 0.0, method: str = "dssn",
                     monte_carlo: dict | None = None, evaluation_kw: dict | None = None) -> dict:
@@ -248,10 +251,7 @@ def _certify_shards(ctx: Context, lock: OutputLock, ckpt, spec, ds, meta, indice
     started = [False]   # True when this run creates `out` (rank 0)
 
     def take_lock(_):
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise WorkflowError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
+        created.extend(make_folders(out))
         lock.acquire()
         started[0] = not out.exists()
 

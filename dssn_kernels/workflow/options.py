@@ -97,3 +97,34 @@ def check_not_input(out, inputs, output: str, flag: str = "--out") -> None:
             same = False
         if same:
             raise WorkflowError(f"{flag} {out} is {what}: give another name for {output}")
+
+
+def make_folders(out: Path) -> list[Path]:
+    """Creates the missing folders of ``out`` (the lock file lives beside it) and returns
+    those it created, outermost first (check_output_path checked the nearest existing
+    one is a writable folder)."""
+    missing, folder = [], out.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:   # made by another run meanwhile: not ours to remove
+            continue
+        except OSError as exc:
+            raise WorkflowError(f"--out {out}: cannot create its folder {folder} "
+                                f"({exc.strerror or exc})") from None
+        created.append(folder)
+    return created
+
+
+def remove_empty_folders(created) -> None:
+    """Removes the folders make_folders ``created`` (innermost first) that the run left
+    empty: a run that wrote nothing leaves no folder."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            break

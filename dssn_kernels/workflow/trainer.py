@@ -26,7 +26,8 @@ from ..training import stability_loss, training_noise
 from .checkpoint import (CheckpointError, SmoothingSpec, build_model, default_model_kwargs, plain,
                          save_checkpoint)
 from .data import INFO, DatasetError, load_dataset
-from .options import WorkflowError, check_output_path, resolve_device
+from .options import (WorkflowError, check_output_path, make_folders, remove_empty_folders,
+                      resolve_device)
 from .results import OutputLock, _diff, replaced_atomically
 
 STATE_FORMAT = "dssn-train-state/1"
@@ -196,27 +197,6 @@ def _resume(state_file: Path, settings: dict, generator: torch.Generator, restor
     return start, seconds_before, last_loss, last_acc
 
 
-def _make_folders(out: Path) -> list[Path]:
-    """Creates the missing folders of ``out`` (the lock file lives beside it) and returns
-    those it created, outermost first (check_output_path checked the nearest existing
-    one is a writable folder)."""
-    missing, folder = [], out.parent
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    created = []
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:   # made by another run meanwhile: not ours to remove
-            continue
-        except OSError as exc:
-            raise WorkflowError(f"--out {out}: cannot create its folder {folder} "
-                                f"({exc.strerror or exc})") from None
-        created.append(folder)
-    return created
-
-
 def _check_out(out: Path, *, overwrite: bool, resume: bool) -> Path:
     """The state file of a training into ``out``, refused where ``out`` exists without
     ``overwrite``, or an interrupted training waits there without ``resume`` or
@@ -245,18 +225,14 @@ def _open_out(out, *, overwrite: bool, resume: bool, what: str):
     are removed again where the run left nothing in them."""
     out = check_output_path(out)
     _check_writable(out)
-    created = _make_folders(out)
+    created = make_folders(out)
     lock = OutputLock(out, what=what)
     try:
         lock.acquire()
         yield out, _check_out(out, overwrite=overwrite, resume=resume)
     finally:
         lock.release()
-        for folder in reversed(created):   # a run that wrote nothing leaves no folder
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty_folders(created)   # a run that wrote nothing leaves no folder
 
 
 def _finish(out: Path, state_file: Path, model: nn.Module, **checkpoint) -> Path:

@@ -26,8 +26,8 @@ pytest.importorskip("sklearn")
 import dssn_kernels  # noqa: E402
 from dssn_kernels.workflow import cli  # noqa: E402
 from dssn_kernels.workflow.models import SmallCNN  # noqa: E402
-from dssn_kernels.workflow.results import (COLUMN_LINE, OutputLock, lock_path,  # noqa: E402
-                                           read_results)
+from dssn_kernels.workflow.results import (COLUMN_LINE, OutputLock, header_line,  # noqa: E402
+                                           lock_path, read_results)
 from testkit import tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -127,6 +127,10 @@ def workdir(tmp_path):
     for name in ("skip.tsv", "max.tsv", "torn2-resume.tsv"):
         (tmp_path / name).write_text(text)
     (tmp_path / "empty.tsv").write_text(header + COLUMN_LINE + "\n")
+    for name, key, value in (("badq.tsv", "q", 0), ("badsigma.tsv", "sigma", "x")):
+        meta = json.loads(header[len("# dssn-results/1 "):])
+        meta["spec"][key] = value        # a header spec analyze would divide by, or fail on
+        (tmp_path / name).write_text(header_line(meta) + text.split("\n", 1)[1])
     (tmp_path / "torn1.tsv").write_text(header[:40])                  # a torn header
     (tmp_path / "torn1-resume.tsv").write_text(header[:40])
     (tmp_path / "torn2.tsv").write_text(header + COLUMN_LINE[:8])      # a torn column line
@@ -283,6 +287,11 @@ CASES = {
     "denoiser-retrain-epochs-mse": (["train-denoiser", "m.pt", "--objective", "mse",
                                      "--retrain-epochs", "3", "--out", "new.pt", "--no-progress"],
                                     ["--retrain-epochs applies to --objective mse-retrain only"]),
+    # a result file whose header spec is not numbers of their range
+    "analyze-header-q0": (["analyze", "badq.tsv"],
+                          ["badq.tsv is corrupt: line 1, the header, has spec.q = 0"]),
+    "plot-header-sigma": (["plot", "curves", "badsigma.tsv", "--out", "c.png"],
+                          ['has spec.sigma = "x", not a positive number']),
     # result arguments: an empty path, the current folder
     "analyze-label-no-path": (["analyze", "a="], ["a=: no file after a="]),
     "analyze-empty-path": (["analyze", ""], ["an empty file name"]),

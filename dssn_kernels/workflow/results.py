@@ -404,6 +404,20 @@ def selection_options(sel) -> str:
     return "the same --skip and --max" if r is None else f"--skip {r.step} --max {r.stop}"
 
 
+def _check_spec(spec: dict, where: str) -> None:
+    """Refuses (ResultsError) a header spec whose numbers the rows are checked against
+    (and analyze computes with) are not numbers of their range."""
+    for key, low in (("q", 1), ("L", 1), ("num_classes", 2), ("seed", 0)):
+        v = spec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ResultsError(f"{where} has spec.{key} = {json.dumps(v)}, not an integer >= {low}")
+    for key in ("sigma", "lam"):
+        v = spec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v) or v <= 0):
+            raise ResultsError(f"{where} has spec.{key} = {json.dumps(v)}, not a positive number")
+
+
 def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = False) -> ResultsFile:
     """Reads and checks a result file (see the module doc for the rules). With
     ``expect_meta`` the header must equal it, except that when ``expect_meta`` holds a
@@ -479,6 +493,7 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
             raise ResultsError(f"{path} is corrupt: line 2 must be the column header "
                                f"{chr(9).join(columns)!r}")
     spec = meta.get("spec", {}) if isinstance(meta.get("spec"), dict) else {}
+    _check_spec(spec, f"{path} is corrupt: line 1, the header,")
     out = ResultsFile(path=path, meta=meta, torn=torn)
     seen = {}
     certificates = _certificates(lines[2:], columns) if spec.get("q") is not None else {}

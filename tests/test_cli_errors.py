@@ -188,6 +188,13 @@ CASES = {
     "train-out-parent-file": (["train", "--sigma", "0.5", "--out", "afile/m.pt"],
                               ["afile is a file, not a folder"]),
     "train-out-empty": (["train", "--sigma", "0.5", "--out", ""], ["--out is empty"]),
+    # an option that does not apply is refused, never ignored
+    "train-digits-data-root": (["train", "--sigma", "0.5", "--data-root", "somewhere",
+                                "--out", "new.pt"],
+                               ["--data-root somewhere applies to cifar10 and imagenet"]),
+    "certify-digits-data-root": (["certify", "m.pt", "--data-root", "somewhere",
+                                  "--out", "new.tsv"],
+                                 ["--data-root somewhere applies to cifar10 and imagenet"]),
     "train-out-exists": (["train", "--sigma", "0.5", "--out", "m.pt"], ["m.pt exists", "--overwrite"]),
     # refused after the lock is taken (its folders made): the folders go again
     "train-new-folders": (["train", "--out", "new/sub/m.pt"], ["give the noise level"]),

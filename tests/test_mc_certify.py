@@ -141,6 +141,11 @@ def test_default_method_is_the_training_noise(tmp_path, capsys):
     assert meta["method"] == "ssn" and meta["training"] == {"noise": "ssn", "stability": False}
     from dssn_kernels.workflow.analysis import load_results
     assert load_results([str(out)])[0].label == "Independent SSN"
+    # a --margin refused for that default says where the method came from
+    out2 = tmp_path / "r2.tsv"
+    code, _, err = run(["certify", str(ckpt), "--out", str(out2), "--margin", "0.1"], capsys)
+    assert code == 2 and "the checkpoint was trained under ssn noise" in err, err
+    assert "--method dssn certifies it exactly" in err and not out2.exists()
 
 
 def test_two_ranks_write_the_rows_of_one_process(tmp_path, capsys):

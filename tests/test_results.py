@@ -274,6 +274,20 @@ def test_torn_header_or_column_line_and_empty_files(tmp_path):
     assert consolidate(p, META) == {} and read_results(p).meta == META
 
 
+def test_crlf_line_endings_are_named_not_called_a_bad_column_line(tmp_path):
+    from dssn_kernels.workflow.results import write_atomic
+
+    p = tmp_path / "r.tsv"
+    write_atomic(p, META, [])
+    good = p.read_bytes()
+    p.write_bytes(good.replace(b"\n", b"\r\n"))
+    with pytest.raises(ResultsError, match=r"carriage returns \(Windows CRLF line endings\?\)"):
+        read_results(p)
+    with pytest.raises(ResultsError, match="dos2unix"):
+        read_for_resume(p, META)
+    assert p.read_bytes() == good.replace(b"\n", b"\r\n")
+
+
 def test_write_atomic_names_the_users_file(tmp_path):
     from dssn_kernels.workflow.results import write_atomic
 

@@ -36,8 +36,10 @@ def image_generator(noise_seed: int, idx: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _monte_carlo(method, n0, n, alpha, noise_seed, margin) -> dict | None:
-    """The header's Monte Carlo parameters for ``method`` (None for dssn), checked."""
+def _monte_carlo(method, n0, n, alpha, noise_seed, margin, *,
+                 from_checkpoint: bool = False) -> dict | None:
+    """The header's Monte Carlo parameters for ``method`` (None for dssn), checked;
+    ``from_checkpoint``: the method is the checkpoint's training noise, not --method."""
     if method not in METHODS:
         raise WorkflowError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     given = {k: v for k, v in (("n0", n0), ("n", n), ("alpha", alpha)) if v is not None}
@@ -50,8 +52,11 @@ def _monte_carlo(method, n0, n, alpha, noise_seed, margin) -> dict | None:
         return None
     noise_seed = 0 if noise_seed is None else noise_seed
     if margin:
-        raise WorkflowError("--margin applies to DSSN certificates only, not to --method "
-                            f"{method}")
+        raise WorkflowError(
+            "--margin applies to DSSN certificates only, not to "
+            + (f"the Monte Carlo method {method} (the checkpoint was trained under {method} "
+               "noise, so that is its default; --method dssn certifies it exactly)"
+               if from_checkpoint else f"--method {method}"))
     mc = {**MC_DEFAULTS, **given}
     for k in ("n0", "n"):
         if isinstance(mc[k], bool) or not isinstance(mc[k], int) or mc[k] < 1:
@@ -160,10 +165,12 @@ def certify_dataset(checkpoint, out, *, dataset: str | None = None, split: str =
     spec: SmoothingSpec = ckpt["spec_obj"]
     spec.check_agrees(sigma=sigma, lam=lam, q=q, seed=seed)
     training = ckpt.get("training") if isinstance(ckpt.get("training"), dict) else {}
+    from_checkpoint = method is None
     method = method or training.get("noise", "dssn")
     if method == "none":   # a classifier trained on clean images: certified by DSSN
         method = "dssn"
-    monte_carlo = _monte_carlo(method, n0, n, alpha, noise_seed, margin)
+    monte_carlo = _monte_carlo(method, n0, n, alpha, noise_seed, margin,
+                               from_checkpoint=from_checkpoint)
     ds_name = dataset or ckpt["dataset"].get("name")
     ds = load_dataset(ds_name, split, data_root)
     if ds.q != spec.q:

@@ -82,6 +82,9 @@ def load_dataset(name: str, split: str = "test", root=None) -> LevelDataset:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "digits":
+        if root is not None:   # never silently ignored
+            raise DatasetError(f"--data-root {root} applies to cifar10 and imagenet; digits "
+                               "ships with scikit-learn and is read from there")
         return load_digits(split)
     if root is None:
         raise DatasetError(f"data set {name!r} is read from a local folder: give --data-root "

@@ -434,6 +434,10 @@ def read_results(path, *, expect_meta: dict | None = None, allow_torn: bool = Fa
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ResultsError(f"{path} is corrupt: not UTF-8 text (byte {exc.start})") from None
+    if "\r" in text:
+        raise ResultsError(f"{path} has carriage returns (Windows CRLF line endings?), which "
+                           "dssn never writes: the file was edited or converted; convert it "
+                           "back (e.g. dos2unix); nothing was changed")
     lines = text.splitlines(keepends=True)
     if not lines:
         raise ResultsError(f"{path} is empty (a run that stopped before writing its header?); "

@@ -188,6 +188,16 @@ CASES = {
     "train-out-parent-file": (["train", "--sigma", "0.5", "--out", "afile/m.pt"],
                               ["afile is a file, not a folder"]),
     "train-out-empty": (["train", "--sigma", "0.5", "--out", ""], ["--out is empty"]),
+    # a training that diverges writes nothing (its NaN checkpoint would be refused later)
+    "train-diverges": (["train", "--sigma", "0.5", "--optimizer", "sgd", "--lr", "1e30",
+                        "--epochs", "1", "--batch-size", "8", "--max-train", "64",
+                        "--no-progress", "--out", "new.pt"],
+                       ["the training diverged in epoch 1: the model's", "lower --lr"]),
+    "denoiser-step-overflows": (["train-denoiser", "m.pt", "--objective", "mse", "--lr", "1e38",
+                                 "--epochs", "1", "--batch-size", "8", "--max-train", "64",
+                                 "--no-progress", "--out", "d.pt"],
+                                ["the training diverged in epoch 1: the optimizer step "
+                                 "overflowed"]),
     # an option that does not apply is refused, never ignored
     "train-digits-data-root": (["train", "--sigma", "0.5", "--data-root", "somewhere",
                                 "--out", "new.pt"],

@@ -56,8 +56,9 @@ from .models import DnCNN, denoised
 from .options import WorkflowError, check_not_input, resolve_device
 from .results import _diff
 # _after_epoch: the trainer's hook, imported (tests patch ``denoiser._after_epoch``)
-from .trainer import (STATE_FORMAT, TRAIN_DEFAULTS, _after_epoch, _batches, _finish, _open_out,
-                      _resume, _rng_state, _save_state, _weights)
+from .trainer import (STATE_FORMAT, TRAIN_DEFAULTS, _after_epoch, _batches, _check_not_diverged,
+                      _finish, _open_out, _overflow_is_divergence, _resume, _rng_state,
+                      _save_state, _weights)
 
 OBJECTIVES = ("mse", "stability", "mse-retrain")
 
@@ -307,14 +308,16 @@ def _train_denoiser(classifier, out, state_file, *, objective, noise, dataset, s
             y = y.to(device)
             loss = objective_loss(phase, den, clf, clean, noisy, y)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with _overflow_is_divergence(epoch + 1):
+                loss.backward()
+                opt.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.update(1)
         sched.step()
         last_loss = loss_sum / seen
         bar.set_postfix(phase=phase, loss=f"{last_loss:.4f}")
+        _check_not_diverged(epoch + 1, denoiser=den, classifier=new_clf)
         _save_state(state_file, {
             "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
             "seconds": seconds_before + time.perf_counter() - t0,

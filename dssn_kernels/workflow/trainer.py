@@ -247,6 +247,36 @@ def _finish(out: Path, state_file: Path, model: nn.Module, **checkpoint) -> Path
     return path
 
 
+def _check_not_diverged(epoch: int, **modules) -> None:
+    """WorkflowError when a weight or buffer of ``modules`` (name=module; None skipped) is
+    NaN or infinite after ``epoch``: the training diverged. Called before the epoch's state
+    is saved, so the state file keeps the last good epoch and nothing is written to the
+    output (a checkpoint of NaN weights would only be refused by certify later)."""
+    for what, module in modules.items():
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise WorkflowError(
+                    f"the training diverged in epoch {epoch}: the {what}'s {name} holds NaN or "
+                    "infinite values; nothing was written to the output: start again with a "
+                    "lower --lr (and --overwrite)")
+
+
+@contextlib.contextmanager
+def _overflow_is_divergence(epoch: int):
+    """An optimizer step that overflows float32 (Adam's step lr / (1 - beta1**t) with a
+    huge --lr) raises a RuntimeError in torch: the training diverged, said in one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise WorkflowError(f"the training diverged in epoch {epoch}: the optimizer step "
+                            f"overflowed ({str(exc).splitlines()[0]}); nothing was written to "
+                            "the output: start again with a lower --lr (and --overwrite)") from None
+
+
 def _weights(module: nn.Module) -> dict:
     """A CPU copy of ``module``'s weights, for a training state."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -402,13 +432,14 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                     else:
                         loss = loss_fn(logits, y)
                 opt.zero_grad()
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                with _overflow_is_divergence(epoch + 1):
+                    if scaler is None:
+                        loss.backward()
+                        opt.step()
+                    else:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
                 if per_step:
                     sched.step()
                 seen += len(y)
@@ -419,6 +450,7 @@ def train(out, *, dataset: str = "digits", arch: str | None = None, sigma=None, 
                 sched.step()
             last_loss, last_acc = loss_sum / seen, correct / seen
             bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{last_acc:.3f}")
+            _check_not_diverged(epoch + 1, model=model)
             _save_state(state_file, {
                 "format": STATE_FORMAT, "settings": settings, "epoch": epoch + 1,
                 "seconds": seconds_before + time.perf_counter() - t0,

@@ -94,6 +94,38 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path, capsys, monkeyp
     assert code == 0 and "certified 0 images" in out and part.read_bytes() == before
 
 
+def test_sigterm_is_an_interruption_that_resumes(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's preemption) mid-run is handled like Ctrl-C: one line, exit
+    143, the lock released, the rows whole; the same command resumes to the rows of an
+    uninterrupted run. The handler is the CLI's only while a command runs."""
+    import os
+    import signal
+
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    full, part = tmp_path / "full.tsv", tmp_path / "part.tsv"
+    common = ["--max", "40", "--images-per-batch", "4", "--no-progress"]
+    assert run(["certify", str(ckpt), "--out", str(full)] + common, capsys)[0] == 0
+    real, calls = certify_data.certify, {"n": 0}
+
+    def terminated_on_third(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)   # delivered to this (the main) thread
+        return real(*a, **kw)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(certify_data, "certify", terminated_on_third)
+    code, out, err = run(["certify", str(ckpt), "--out", str(part)] + common, capsys)
+    assert code == 143 and "terminated (SIGTERM); rerun the same command to resume" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.tsv", "m.pt", "part.tsv"]
+    assert len(read_results(part).rows) == 8           # two whole batches were saved
+    monkeypatch.setattr(certify_data, "certify", real)
+    assert run(["certify", str(ckpt), "--out", str(part)] + common, capsys)[0] == 0
+    assert rows_without_time(part) == rows_without_time(full)
+
+
 def test_refusals_leave_files_untouched(tmp_path, capsys):
     a = tiny_checkpoint(tmp_path / "a.pt", init_seed=0)
     b = tiny_checkpoint(tmp_path / "b.pt", init_seed=1)

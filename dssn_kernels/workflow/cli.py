@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 PROG = "dssn"
@@ -498,6 +501,28 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd + rest)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's preemption, ``kill``), raised like Ctrl-C so that every
+    cleanup runs: locks released, temporary files removed, rows and states kept whole."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within: SIGTERM raises Terminated in the main thread (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 COMMANDS = {"train": cmd_train, "train-denoiser": cmd_train_denoiser, "certify": cmd_certify,
             "analyze": cmd_analyze, "plot": cmd_plot, "bench": cmd_bench}
 
@@ -519,20 +544,23 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt():
+            return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as exc:
         return fail(str(exc))
     except OSError as exc:
         if exc.filename is None:
             raise
         return fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         resume = "; rerun the same command with --resume to continue from the last finished epoch"
         # certify --overwrite would discard the rows again: resuming is without it
         again = ("the same command without --overwrite" if getattr(args, "overwrite", False)
                  else "the same command")
         hint = {"certify": f"; rerun {again} to resume", "train": resume,
                 "train-denoiser": resume}.get(args.command, "")
+        if isinstance(exc, Terminated):   # 128 + SIGTERM, as a shell reports it
+            return fail(f"terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
         return fail(f"interrupted{hint}", 130)
 
 

@@ -514,3 +514,23 @@ def test_a_damaged_imagenet_image_is_one_line(tmp_path, capsys):
     assert one_line_error(SimpleNamespace(returncode=code, stderr=err),
                           f"cannot read image {cls / 'a.JPEG'}") == ""
     assert not out.exists()
+
+
+def test_a_damaged_imagenet_image_read_by_a_loader_worker_is_one_line(tmp_path, capsys):
+    """With --workers, the error comes back from a DataLoader worker, its traceback in the
+    message: still the one line naming the file, nothing written."""
+    pytest.importorskip("PIL")
+    from testkit import run_cli
+
+    cls = tmp_path / "in" / "train" / "n01"
+    cls.mkdir(parents=True)
+    (cls / "a.JPEG").write_text("not a picture\n")
+    out = tmp_path / "m.pt"
+    code, _, err = run_cli(["train", "--dataset", "imagenet", "--data-root",
+                            str(tmp_path / "in"), "--sigma", "0.5", "--workers", "1",
+                            "--epochs", "1", "--no-progress", "--device", "cpu",
+                            "--out", str(out)], capsys)
+    assert one_line_error(SimpleNamespace(returncode=code, stderr=err),
+                          f"cannot read image {cls / 'a.JPEG'}") == ""
+    assert "Traceback" not in err and "worker" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -60,8 +60,14 @@ def _batches(dataset, order, batch_size, workers):
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if workers and dataset.images is None:
         # LevelDataset is map-style (len, [i] -> (uint8 image, label))
-        yield from torch.utils.data.DataLoader(dataset, batch_sampler=chunks,
-                                               num_workers=workers)
+        try:
+            yield from torch.utils.data.DataLoader(dataset, batch_sampler=chunks,
+                                                   num_workers=workers)
+        except DatasetError as exc:
+            # a worker's error comes back with the worker's traceback in its message, the
+            # error's own line last ("...DatasetError: cannot read image ..."): keep that
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
     else:
         for idx in chunks:
             yield dataset.get(idx)

@@ -2,6 +2,7 @@
 none`, `dssn train-denoiser` end to end (the frozen classifier untouched, the composed
 checkpoint certifying as nn.Sequential(denoiser, classifier) built by hand), resume bit for
 bit, --init (a stability denoiser starting from the MSE one's weights), and the refusals."""
+import hashlib
 import math
 
 import pytest
@@ -12,7 +13,7 @@ pytest.importorskip("sklearn")
 
 import dssn_kernels as dk  # noqa: E402
 from dssn_kernels.workflow import cli, denoiser  # noqa: E402
-from dssn_kernels.workflow.checkpoint import (SmoothingSpec, file_sha256,  # noqa: E402
+from dssn_kernels.workflow.checkpoint import (SmoothingSpec,  # noqa: E402
                                               load_checkpoint, save_checkpoint)
 from dssn_kernels.workflow.data import load_dataset  # noqa: E402
 from dssn_kernels.workflow.models import DnCNN, SmallCNN  # noqa: E402
@@ -255,7 +256,7 @@ def test_init_starts_the_stability_denoiser_from_the_mse_one(clean_classifier, m
     assert not same(denoiser_weights(out), mse)      # and trained from there
     training = saved(out, "training")
     assert training["init"] == str(mse_denoiser)
-    assert training["init_sha256"] == file_sha256(mse_denoiser)
+    assert training["init_sha256"] == hashlib.sha256(mse_denoiser.read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stab.pt"]   # no state, no lock
 
     # without --init the same run starts elsewhere (from the seed's random weights)
@@ -304,7 +305,7 @@ def test_init_refusals_and_resume(clean_classifier, mse_denoiser, tmp_path, caps
     refused(["--resume"], "different training", "init_sha256")
     code, _, err = run(argv + init + ["--resume"], capsys)
     assert code == 0, err
-    assert saved(out, "training")["init_sha256"] == file_sha256(mse_denoiser)
+    assert saved(out, "training")["init_sha256"] == hashlib.sha256(mse_denoiser.read_bytes()).hexdigest()
 
 
 def test_denoise_demo_quick(tmp_path, capsys):

@@ -338,15 +338,7 @@ def load_checkpoint(path, device="cpu") -> tuple[torch.nn.Module, SmoothingSpec]
     return model_from_checkpoint(ckpt, device), ckpt["spec_obj"]
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 __all__ = ["ARCHS", "CheckpointError", "DENOISER_ARCHS", "FORMAT", "SmoothingSpec",
            "SpecMismatchError", "build_model", "check_model_fits",
-           "default_model_kwargs", "file_sha256", "load_checkpoint", "model_from_checkpoint",
+           "default_model_kwargs", "load_checkpoint", "model_from_checkpoint",
            "read_checkpoint", "save_checkpoint"]

@@ -1,8 +1,8 @@
 """Which backend runs where.
 
 ``auto``: CPU tensors -> ``cpp`` when the native extension is built, else ``torch``;
-CUDA tensors -> ``triton`` on sm_80+ where triton imports (Triton dropped Turing after
-3.2), else ``cuda`` when the extension was built with its CUDA kernels (the default on
+CUDA tensors -> ``triton`` on sm_80+ where triton imports and compiles (not under
+TRITON_INTERPRET=1; Triton dropped Turing after 3.2), else ``cuda`` when the extension was built with its CUDA kernels (the default on
 Turing, sm_75), else ``torch``. ``triton`` with
 CPU tensors runs through Triton's interpreter when TRITON_INTERPRET=1 is set.
 
@@ -84,6 +84,11 @@ def native_has_cuda_kernels() -> bool:
                for op in ("expand_", "vote_", "vote_margin_"))
 
 
+def _triton_interpreting() -> bool:
+    from .triton import interpreting
+    return interpreting()
+
+
 def _triton_status(device) -> tuple[bool, str]:
     from .triton import triton_available
     return triton_available(device)
@@ -109,7 +114,9 @@ def _auto_backend(device: torch.device) -> str:
         _warn_native_fallback("torch", device)
         return "torch"
     if device.type == "cuda":
-        if _triton_status(device)[0]:   # sm_80+ with triton: the GPU default
+        # compiled Triton on sm_80+: the GPU default (its interpreter never is: under
+        # TRITON_INTERPRET=1 triton_available says yes for any device, Turing included)
+        if not _triton_interpreting() and _triton_status(device)[0]:
             return "triton"
         if native_has_cuda_kernels():   # Turing (sm_75), or no triton
             return "cuda"

@@ -263,8 +263,10 @@ def check_registration(c: Checks, root: str):
             c.check(torch._C._dispatch_has_kernel_for_dispatch_key(f"dssn::{op}", key),
                     f"dssn::{op} has a {key} kernel")
     c.check(backends.native_has_cuda_kernels(), "backends.native_has_cuda_kernels()")
-    # auto on CUDA tensors: triton where it runs (sm_80+), else these CUDA kernels
+    # auto on CUDA tensors: compiled triton where it runs (sm_80+), else these CUDA kernels
     triton_ok, why = backends._triton_status(torch.device("cuda"))
+    if backends._triton_interpreting():
+        triton_ok, why = False, "TRITON_INTERPRET=1: the interpreter is never auto's choice"
     want = "triton" if triton_ok else "cuda"
     auto = backends.resolve_backend("auto", torch.device("cuda"))
     c.check(auto == want, f"resolve_backend('auto', cuda) == {want!r} ({why})", f"got {auto!r}")

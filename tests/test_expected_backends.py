@@ -44,17 +44,19 @@ def test_expected_lists_are_well_formed():
     assert len(set(CPU_BACKENDS)) == len(CPU_BACKENDS)
 
 
-@pytest.mark.parametrize("triton_runs,cuda_kernels,want", [
-    (True, True, "triton"), (True, False, "triton"), (False, True, "cuda"),
-    (False, False, "torch")])
-def test_auto_rule_on_cuda_tensors(monkeypatch, triton_runs, cuda_kernels, want):
-    """auto on CUDA tensors: triton where it runs (sm_80+), else the extension's CUDA
-    kernels (Turing), else torch; checked without a GPU by stating what the machine has."""
+@pytest.mark.parametrize("triton_runs,interpreting,cuda_kernels,want", [
+    (True, False, True, "triton"), (True, False, False, "triton"), (False, False, True, "cuda"),
+    (False, False, False, "torch"), (True, True, True, "cuda"), (True, True, False, "torch")])
+def test_auto_rule_on_cuda_tensors(monkeypatch, triton_runs, interpreting, cuda_kernels, want):
+    """auto on CUDA tensors: compiled triton where it runs (sm_80+), else the extension's
+    CUDA kernels (Turing), else torch; Triton's interpreter (which says it runs on any
+    device) is never auto's choice. Checked without a GPU by stating what the machine has."""
     import torch
 
     from dssn_kernels import backends
 
     monkeypatch.setattr(backends, "_triton_status", lambda device: (triton_runs, "stated"))
+    monkeypatch.setattr(backends, "_triton_interpreting", lambda: interpreting)
     monkeypatch.setattr(backends, "native_has_cuda_kernels", lambda: cuda_kernels)
     monkeypatch.setattr(backends, "native_extension_error", lambda: None)
     assert backends._auto_backend(torch.device("cuda")) == want

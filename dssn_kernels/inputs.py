@@ -85,16 +85,19 @@ def to_levels(x, q: int) -> torch.Tensor:
     # Where the dtype spaces its values more than one step 1/q apart, two levels can round
     # to the same pixel value and the tolerance below would read some pixels as a
     # neighbouring level, silently (bfloat16 at q = 511, float16 at q = 4095): refuse them.
-    coarse = value_spacing(xd, x.dtype) * q > 1
-    if bool(coarse.any()):
-        bad = coarse.sum().item()
-        worst = (xd * coarse).argmax().item()
-        raise ValueError(
-            f"{bad} {x.dtype} pixel(s) cannot hold their level for q={q}: at "
-            f"{xd.view(-1)[worst].item():.9g} {x.dtype} spaces its values "
-            f"{(value_spacing(xd.view(-1)[worst:worst + 1], x.dtype) * q).item():.3g} steps "
-            "apart, so neighbouring levels k/q round to the same value; pass uint8/integer "
-            "levels or float32 pixels")
+    # The widest spacing on [0, 1] is eps/2 (on [1/2, 1]): only a dtype and q where that
+    # exceeds a step can hold such pixels (never float32 or float64 at a valid q).
+    if torch.finfo(x.dtype).eps / 2 * q > 1:
+        steps = value_spacing(xd, x.dtype) * q
+        coarse = steps > 1
+        if bool(coarse.any()):
+            bad = coarse.sum().item()
+            worst = (xd * coarse).argmax().item()
+            raise ValueError(
+                f"{bad} {x.dtype} pixel(s) cannot hold their level for q={q}: at "
+                f"{xd.view(-1)[worst].item():.9g} {x.dtype} spaces its values "
+                f"{steps.view(-1)[worst].item():.3g} steps apart, so neighbouring levels k/q "
+                "round to the same value; pass uint8/integer levels or float32 pixels")
     scaled = xd * q
     k = torch.round(scaled)
     off = (scaled - k).abs()

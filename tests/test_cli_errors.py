@@ -534,3 +534,15 @@ def test_a_damaged_imagenet_image_read_by_a_loader_worker_is_one_line(tmp_path, 
                           f"cannot read image {cls / 'a.JPEG'}") == ""
     assert "Traceback" not in err and "worker" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_refused_first_batch_says_what_the_file_holds(workdir, capsys):
+    """NaN logits in the first batch of certify --overwrite over an existing file: the
+    message says the file holds no rows (it was started again), not that rows are kept."""
+    from testkit import run_cli
+
+    out = workdir / "r.tsv"
+    code, _, err = run_cli(["certify", str(workdir / "later.pt"), "--out", str(out),
+                            "--overwrite", "--no-progress"], capsys)
+    assert code == 2 and f"{out} holds no rows" in err and "kept" not in err, err
+    assert not read_results(out).rows

@@ -296,10 +296,12 @@ def _certify_shards(ctx: Context, lock: OutputLock, created: list, ckpt, spec, d
                                    num_classes=spec.num_classes, margin=margin, **kw)
             except ValueError as exc:   # the model's output refused (NaN logits, ...)
                 kept = f"the rows before them are kept in {target}"
-                if b == 0 and started[0] and not ctx.distributed:
-                    writer.close()
-                    target.unlink()   # this run's new file, with no row: nothing is left
-                    kept = f"nothing was written to {target}"
+                if b == 0 and not done and not ctx.distributed:   # the file holds no row
+                    kept = f"{target} holds no rows"
+                    if started[0]:   # and is this run's new file (nothing was merged in)
+                        writer.close()
+                        target.unlink()
+                        kept = f"nothing was written to {target}"
                 raise WorkflowError(f"certifying images {idx[0]}..{idx[-1]}: {exc}; "
                                     f"{kept}") from None
             if monte_carlo is not None:

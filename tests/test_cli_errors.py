@@ -546,3 +546,26 @@ def test_a_refused_first_batch_says_what_the_file_holds(workdir, capsys):
                             "--overwrite", "--no-progress"], capsys)
     assert code == 2 and f"{out} holds no rows" in err and "kept" not in err, err
     assert not read_results(out).rows
+
+
+def test_a_demo_terminated_by_sigterm_cleans_up_and_says_so(tmp_path, capsys):
+    """run_demo (the demos' python -m entry) handles SIGTERM as the dssn command does: the
+    interruption runs every cleanup (here a `finally`), one line, exit 143; the previous
+    handler is back afterwards."""
+    import signal
+
+    from dssn_kernels.workflow.options import run_demo
+
+    cleaned = []
+
+    def main():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt")   # pragma: no cover
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_demo(main, "demo") == 143 and cleaned == [True]
+    assert capsys.readouterr().err == "python -m demo: error: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before

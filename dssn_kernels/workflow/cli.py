@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 PROG = "dssn"
@@ -501,28 +499,6 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd + rest)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's preemption, ``kill``), raised like Ctrl-C so that every
-    cleanup runs: locks released, temporary files removed, rows and states kept whole."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Within: SIGTERM raises Terminated in the main thread (elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 COMMANDS = {"train": cmd_train, "train-denoiser": cmd_train_denoiser, "certify": cmd_certify,
             "analyze": cmd_analyze, "plot": cmd_plot, "bench": cmd_bench}
 
@@ -530,7 +506,7 @@ COMMANDS = {"train": cmd_train, "train-denoiser": cmd_train_denoiser, "certify":
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .options import USER_ERRORS
+    from .options import USER_ERRORS, Terminated, sigterm_as_interrupt
 
     def fail(msg: str, code: int = 2) -> int:
         rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
@@ -544,7 +520,7 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as exc:
         return fail(str(exc))

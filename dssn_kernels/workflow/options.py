@@ -2,8 +2,11 @@
 are the user's, and how a demo's ``python -m`` entry reports them."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -20,12 +23,37 @@ class WorkflowError(ValueError):
 USER_ERRORS = (CheckpointError, DatasetError, ResultsError, WorkflowError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's preemption, ``kill``), raised like Ctrl-C so that every
+    cleanup runs: locks released, temporary files removed, rows and states kept whole."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises Terminated in the main thread (elsewhere nothing changes);
+    the previous handler is restored on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(main, prog: str) -> int:
     """Runs a demo's ``main()`` for ``python -m prog``: user errors (scikit-learn missing,
     a bad --out, a file that cannot be written, ...) are one line on stderr and exit status
-    2, an interruption exit status 130, as with the ``dssn`` command; 0 when it ran."""
+    2, an interruption exit status 130 (SIGTERM: 143), as with the ``dssn`` command; 0 when
+    it ran."""
     try:
-        main()
+        with sigterm_as_interrupt():
+            main()
     except USER_ERRORS as exc:
         sys.stderr.write(f"python -m {prog}: error: {exc}\n")
         return 2
@@ -35,6 +63,9 @@ def run_demo(main, prog: str) -> int:
         sys.stderr.write(f"python -m {prog}: error: "
                          f"{exc.strerror or type(exc).__name__}: {exc.filename}\n")
         return 2
+    except Terminated:
+        sys.stderr.write(f"python -m {prog}: error: terminated (SIGTERM)\n")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         sys.stderr.write(f"python -m {prog}: error: interrupted\n")
         return 130

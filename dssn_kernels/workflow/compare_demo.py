@@ -39,10 +39,11 @@ A full CIFAR-10 reproduction (a GPU and the data in DATA; per sigma in 0.25 0.5 
 
 def parse_args(argv=None):
     from .cli import _Parser, _positive_int, sigma_type
+    from .data import INFO
 
     p = _Parser(prog="python -m dssn_kernels.workflow.compare_demo", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sigmas", type=sigma_type(16), nargs="+", default=None,
+    p.add_argument("--sigmas", type=sigma_type(INFO["digits"]["q"]), nargs="+", default=None,
                    help="noise levels (default 0.25 0.5; --quick: 0.5)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="default 10 (--quick: 1)")
     p.add_argument("--max-train", type=_positive_int, default=None,

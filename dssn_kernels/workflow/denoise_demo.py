@@ -52,10 +52,11 @@ def respec(src, dst, sigma: float) -> Path:
 
 def parse_args(argv=None):
     from .cli import _Parser, sigma_type
+    from .data import INFO
 
     p = _Parser(prog="python -m dssn_kernels.workflow.denoise_demo", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sigmas", type=sigma_type(16), nargs="+", default=list(DEFAULT_SIGMAS),
+    p.add_argument("--sigmas", type=sigma_type(INFO["digits"]["q"]), nargs="+", default=list(DEFAULT_SIGMAS),
                    help="noise levels (default 0.5 1)")
     p.add_argument("--epochs", type=int, default=None,
                    help="classifier epochs (default 60, 2 with --quick)")

@@ -123,8 +123,8 @@ def check_not_input(out, inputs, output: str, flag: str = "--out") -> None:
         if path is None:
             continue
         try:
-            same = path_out.exists() and Path(path).exists() and path_out.samefile(path)
-        except OSError:
+            same = path_out.samefile(path)
+        except OSError:   # either one missing (or unreadable): not the same file
             same = False
         if same:
             raise WorkflowError(f"{flag} {out} is {what}: give another name for {output}")
